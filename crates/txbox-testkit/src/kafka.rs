@@ -1,0 +1,216 @@
+//! Producing test input and reading back what a consumer sees.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// A record to produce.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// Partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Payload; `None` for a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    /// A record with this payload.
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        Record {
+            payload: Some(payload.into()),
+            ..Record::default()
+        }
+    }
+    /// To this partition.
+    pub fn partition(mut self, p: i32) -> Self {
+        self.partition = Some(p);
+        self
+    }
+    /// With this key.
+    pub fn key(mut self, k: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(k.into());
+        self
+    }
+    /// With this header.
+    pub fn header(mut self, k: &str, v: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((k.to_owned(), v.into()));
+        self
+    }
+}
+
+/// Produces `records` in order with an idempotent producer and waits for
+/// every acknowledgement. Returns (partition, offset) of each.
+///
+/// # Panics
+/// If any record is not acknowledged.
+pub async fn produce(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<(i32, i64)> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let mut futures = Vec::with_capacity(records.len());
+    for r in &records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(p) = r.partition {
+            rec = rec.partition(p);
+        }
+        if let Some(k) = &r.key {
+            rec = rec.key(k.as_slice());
+        }
+        if let Some(p) = &r.payload {
+            rec = rec.payload(p.as_slice());
+        }
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    futures.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(futures.len());
+    for f in futures {
+        let delivery = f
+            .await
+            .expect("delivery future")
+            .expect("record acknowledged");
+        out.push((delivery.partition, delivery.offset));
+    }
+    out
+}
+
+/// Options for [`consume_all`].
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// `isolation.level=read_committed` (hides aborted and open
+    /// transactions on brokers that implement it).
+    pub read_committed: bool,
+    /// Stop once this many records were read (or at `timeout`).
+    pub expect: usize,
+    /// Upper bound on waiting.
+    pub timeout: Duration,
+}
+
+/// A record as a consumer saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Payload.
+    pub payload: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Consumed {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// Reads every partition of `topic` from the beginning (no group, no
+/// commits) until `expect` records arrived and then 500 ms pass quietly
+/// (to catch extras), or `timeout` passes. Records come in per-partition
+/// offset order.
+pub async fn consume_all(bootstrap: &str, topic: &str, opts: ConsumeOptions) -> Vec<Consumed> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || consume_blocking(&bootstrap, &topic, &opts))
+        .await
+        .expect("consumer thread")
+}
+
+fn consume_blocking(bootstrap: &str, topic: &str, opts: &ConsumeOptions) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", crate::unique_name("txbox-testkit-reader"))
+        .set("enable.auto.commit", "false")
+        .set(
+            "isolation.level",
+            if opts.read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
+        .create()
+        .expect("consumer");
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .expect("partition offset");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + opts.timeout;
+    let mut out = Vec::new();
+    let mut quiet_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                quiet_since = None;
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+            Some(Err(_)) => {}
+            None => {
+                if out.len() >= opts.expect {
+                    let since = *quiet_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_millis(500) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,55 @@
+//! Fixtures for testing txbox and services built on it.
+//!
+//! - [`TestDb`]: a fresh PostgreSQL database per test, migrated, dropped after.
+//! - [`tansu`]: a real Kafka-protocol broker over TCP (Tansu), one per test
+//!   process or the one named by `TXBOX_TEST_KAFKA`; topics per test.
+//! - [`MockKafka`]: librdkafka's in-process mock cluster, for injected errors.
+//! - [`kafka`]: produce and consume helpers that report what a consumer saw.
+//! - [`process`]: child processes killed with SIGKILL at named crash points.
+//! - [`proxy`]: a TCP proxy that can cut a service off, to simulate outages.
+//!
+//! Environment: `TXBOX_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), `TXBOX_TEST_KAFKA` (a
+//! running Tansu; otherwise one is started), `KAFKA_BOOTSTRAP` (a real
+//! Apache Kafka, for the suite that needs transactions).
+
+mod broker;
+mod db;
+pub mod kafka;
+mod mock;
+pub mod process;
+pub mod proxy;
+
+pub use broker::{tansu, Broker};
+pub use db::TestDb;
+pub use mock::MockKafka;
+
+/// A name unique to this process and call, for topics, groups and schemas.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+/// The bootstrap servers of a real Apache Kafka, when `KAFKA_BOOTSTRAP` is
+/// set (for example by `docker compose up kafka`). Tests that need Kafka
+/// transactions with read_committed isolation run only then.
+pub fn real_kafka() -> Option<String> {
+    std::env::var("KAFKA_BOOTSTRAP")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// Installs a compact test log subscriber once (`RUST_LOG` filters).
+pub fn init_tracing() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn,txbox=info,txbox_relay=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}

@@ -1,0 +1,138 @@
+//! Child processes that tests kill at named crash points.
+//!
+//! A binary built with txbox's `failpoints` feature, started with
+//! `FAILPOINTS=<point>=return` (or `N*off->return` to fire on the N+1th
+//! pass), prints `TXBOX_CRASH_POINT <point>` when it reaches the point and
+//! then stops making progress; [`Child::kill_at`] waits for that line and
+//! sends SIGKILL, so the process dies exactly there, with no cleanup.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child as TokioChild, Command};
+use tokio::sync::Notify;
+
+/// A running child process whose stderr is captured.
+#[derive(Debug)]
+pub struct Child {
+    child: TokioChild,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: Arc<Notify>,
+}
+
+impl Child {
+    /// Starts `program` with `args` and extra environment `envs`.
+    ///
+    /// # Panics
+    /// If it cannot be started.
+    pub fn spawn(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let new_line = Arc::new(Notify::new());
+        if let Some(stderr) = child.stderr.take() {
+            let lines = lines.clone();
+            let notify = new_line.clone();
+            let echo = std::env::var_os("TXBOX_TEST_ECHO_CHILD").is_some();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if echo {
+                        eprintln!("[child] {line}");
+                    }
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                    notify.notify_waiters();
+                }
+                notify.notify_waiters();
+            });
+        }
+        Child {
+            child,
+            lines,
+            new_line,
+        }
+    }
+
+    /// Waits until a stderr line contains `pattern`. Returns false on timeout.
+    pub async fn wait_for_stderr(&self, pattern: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.new_line.notified();
+            if self.stderr_contains(pattern) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.stderr_contains(pattern);
+            }
+        }
+    }
+
+    /// True if any stderr line so far contains `pattern`.
+    pub fn stderr_contains(&self, pattern: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|l| l.contains(pattern))
+    }
+
+    /// All stderr so far.
+    pub fn stderr(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .join("\n")
+    }
+
+    /// Waits for crash point `point` and SIGKILLs the process there.
+    ///
+    /// # Panics
+    /// If the point is not reached within `timeout` (with the child's stderr).
+    pub async fn kill_at(&mut self, point: &str, timeout: Duration) {
+        let line = format!("TXBOX_CRASH_POINT {point}");
+        if !self.wait_for_stderr(&line, timeout).await {
+            let _ = self.child.start_kill();
+            panic!(
+                "crash point {point} not reached in {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+        }
+        self.kill().await;
+    }
+
+    /// SIGKILL now, and reap.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM (graceful stop request).
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for exit; returns the exit code (None if killed by a signal).
+    pub async fn wait(&mut self) -> Option<i32> {
+        self.child.wait().await.ok().and_then(|s| s.code())
+    }
+}

@@ -1,0 +1,308 @@
+//! Partition assignment: claim in Postgres, then assign at the stored offset.
+//!
+//! On every assignment the consumer bumps each partition's epoch in
+//! `inbox_offsets` and reads its `next_offset` *before* telling librdkafka
+//! to assign, and assigns at exactly that offset. Nothing is fetched from a
+//! position Postgres did not choose, so there is nothing to discard. The
+//! epoch bump fences any other consumer still working on the partition: its
+//! commit checks the epoch under the row lock and rolls back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::commit::Position;
+use super::config::StartFrom;
+use super::partition::PartitionWorker;
+use super::runtime::Shared;
+use super::InboxMessage;
+
+/// A partition this consumer currently owns.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub tx: mpsc::UnboundedSender<InboxMessage>,
+    pub depth: Arc<AtomicUsize>,
+    pub cancel: CancellationToken,
+    pub paused: bool,
+}
+
+pub(crate) type Key = (Arc<str>, i32);
+
+/// The consumer context: owns the partition registry and runs claims.
+pub(crate) struct InboxContext {
+    pub shared: Arc<Shared>,
+    pub slots: Mutex<HashMap<Key, Slot>>,
+    pub workers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for InboxContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxContext").finish_non_exhaustive()
+    }
+}
+
+impl ClientContext for InboxContext {}
+
+impl ConsumerContext for InboxContext {
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let parts: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.assign(base, &parts, tpl);
+                if cooperative {
+                    base.incremental_assign(tpl)
+                } else {
+                    base.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.release(&parts);
+                if cooperative {
+                    base.incremental_unassign(tpl)
+                } else {
+                    base.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; releasing all partitions");
+                self.release_all();
+                base.unassign()
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "applying the assignment failed");
+        }
+    }
+}
+
+impl InboxContext {
+    pub(crate) fn slots(&self) -> MutexGuard<'_, HashMap<Key, Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn assign(
+        &self,
+        base: &BaseConsumer<Self>,
+        parts: &[(String, i32)],
+        tpl: &mut TopicPartitionList,
+    ) {
+        // The claim runs on this (the polling) thread: block_in_place lets
+        // the runtime move other tasks, including workers finishing a
+        // commit on a partition we are about to fence, to other threads.
+        let claims = tokio::task::block_in_place(|| {
+            self.handle.block_on(async {
+                let mut claims = Vec::with_capacity(parts.len());
+                for (topic, partition) in parts {
+                    match self.claim(base, topic, *partition).await {
+                        Some(c) => claims.push(c),
+                        None => return None,
+                    }
+                }
+                Some(claims)
+            })
+        });
+        let Some(claims) = claims else {
+            tracing::info!("shutting down during assignment; not starting workers");
+            return;
+        };
+        for pos in claims {
+            if let Err(e) =
+                tpl.set_partition_offset(&pos.topic, pos.partition, Offset::Offset(pos.next_offset))
+            {
+                tracing::error!(error = %e, topic = %pos.topic, partition = pos.partition, "cannot set assignment offset");
+                continue;
+            }
+            self.start_worker(pos);
+        }
+    }
+
+    /// Bumps the epoch (creating the row at the start position if new) and
+    /// returns the position. Retries until it succeeds or the inbox stops.
+    async fn claim(
+        &self,
+        base: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+    ) -> Option<Position> {
+        let s = &self.shared;
+        let mut failures = 0u32;
+        loop {
+            match self.try_claim(base, topic, partition).await {
+                Ok(pos) => return Some(pos),
+                Err(e) => {
+                    failures += 1;
+                    let delay = s
+                        .opts
+                        .retry
+                        .backoff
+                        .delay(failures)
+                        .min(Duration::from_secs(5));
+                    tracing::warn!(topic, partition, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "cannot claim partition; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_claim(
+        &self,
+        base: &BaseConsumer<Self>,
+        topic: &str,
+        partition: i32,
+    ) -> crate::Result<Position> {
+        let s = &self.shared;
+        let initial = match s.opts.start_from {
+            StartFrom::Earliest => 0,
+            StartFrom::Latest => {
+                let existing: Option<(i64, i64)> = sqlx::query_as(&s.sql.select_offset)
+                    .bind(&s.group)
+                    .bind(topic)
+                    .bind(partition)
+                    .fetch_optional(&s.pool)
+                    .await?;
+                match existing {
+                    Some((_, next)) => next,
+                    None => high_watermark(base, topic, partition)?,
+                }
+            }
+        };
+        let (next_offset, epoch): (i64, i64) = sqlx::query_as(&s.sql.claim)
+            .bind(&s.group)
+            .bind(topic)
+            .bind(partition)
+            .bind(initial)
+            .bind(&s.owner)
+            .fetch_one(&s.pool)
+            .await?;
+        Ok(Position {
+            topic: Arc::from(topic),
+            partition,
+            epoch,
+            next_offset,
+        })
+    }
+
+    fn start_worker(&self, pos: Position) {
+        let key: Key = (pos.topic.clone(), pos.partition);
+        let Some(route) = self.shared.routes.get(&*pos.topic).cloned() else {
+            tracing::error!(topic = %pos.topic, "assigned a topic with no handler");
+            return;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let cancel = self.shutdown.child_token();
+        let worker = PartitionWorker {
+            shared: self.shared.clone(),
+            route,
+            pos,
+            rx,
+            depth: depth.clone(),
+            cancel: cancel.clone(),
+        };
+        let old = self.slots().insert(
+            key,
+            Slot {
+                tx,
+                depth,
+                cancel,
+                paused: false,
+            },
+        );
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        let handle = self.handle.spawn(async move {
+            worker.run().await;
+        });
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        workers.retain(|h| !h.is_finished());
+        workers.push(handle);
+    }
+
+    fn release(&self, parts: &[(String, i32)]) {
+        let mut slots = self.slots();
+        for (topic, partition) in parts {
+            let key: Key = (Arc::from(topic.as_str()), *partition);
+            if let Some(slot) = slots.remove(&key) {
+                slot.cancel.cancel();
+            }
+        }
+    }
+
+    pub(crate) fn release_all(&self) {
+        for (_, slot) in self.slots().drain() {
+            slot.cancel.cancel();
+        }
+    }
+
+    /// Hands a message to its partition's worker. Returns the partition to
+    /// pause when the worker's queue is over the limit.
+    pub(crate) fn dispatch(&self, msg: InboxMessage) -> Option<Key> {
+        let key: Key = (msg.topic.clone(), msg.partition);
+        let mut slots = self.slots();
+        let slot = slots.get_mut(&key)?;
+        if slot.tx.send(msg).is_err() {
+            // The worker stopped (failure policy): keep the partition paused.
+            slot.paused = true;
+            return Some(key);
+        }
+        let depth = slot.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        if depth >= self.shared.opts.max_buffered && !slot.paused {
+            slot.paused = true;
+            return Some(key);
+        }
+        None
+    }
+
+    /// Partitions paused for backpressure whose queue has drained.
+    pub(crate) fn drained(&self) -> Vec<Key> {
+        let low = self.shared.opts.max_buffered / 2;
+        let mut out = Vec::new();
+        for (key, slot) in self.slots().iter_mut() {
+            if slot.paused && !slot.tx.is_closed() && slot.depth.load(Ordering::Relaxed) <= low {
+                slot.paused = false;
+                out.push(key.clone());
+            }
+        }
+        out
+    }
+}
+
+fn high_watermark(
+    base: &BaseConsumer<InboxContext>,
+    topic: &str,
+    partition: i32,
+) -> KafkaResult<i64> {
+    let (_low, high) = base.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    Ok(high)
+}

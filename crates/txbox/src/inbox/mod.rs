@@ -1,0 +1,31 @@
+//! Consuming Kafka messages with exactly-once effects in PostgreSQL.
+//!
+//! For each batch of one partition, one database transaction holds:
+//!
+//! 1. the event ids, inserted into `inbox_processed` (ids seen before are
+//!    skipped without running the handler);
+//! 2. the handler's business writes and staged outbox events;
+//! 3. the offset advance in `inbox_offsets`, conditional on this consumer's
+//!    epoch and on the offset it expects (the fence);
+//!
+//! and commits or rolls back as one. Offsets are never committed to Kafka:
+//! on assignment the consumer reads `next_offset` from Postgres and assigns
+//! there. See the crate docs and `ADR/0002` for the guarantees and their
+//! boundaries.
+
+mod assignment;
+mod commit;
+mod config;
+mod event_id;
+mod handler;
+mod message;
+mod partition;
+mod prune;
+mod runtime;
+mod sql;
+
+pub use config::{FailureAction, RetryPolicy, StartFrom};
+pub use event_id::EventIdSource;
+pub use handler::{BatchError, BatchHandler, Handler, HandlerError, Tx};
+pub use message::{DecodeError, InboxMessage};
+pub use runtime::{Inbox, InboxBuilder};

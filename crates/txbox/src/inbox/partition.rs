@@ -1,0 +1,286 @@
+//! One partition's worker: batches, applies in offset order, isolates
+//! failures, retries, dead-letters.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::commit::{self, Attempt, Ctx, Failure, Position, Route};
+use super::config::FailureAction;
+use super::handler::HandlerError;
+use super::runtime::Shared;
+use super::InboxMessage;
+use crate::db::is_transient;
+
+/// Why a worker stopped.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// Revoked, or the inbox is shutting down.
+    Cancelled,
+    /// Another consumer owns the partition now.
+    Fenced,
+    /// A message failed and the policy is to stop the partition.
+    Stopped,
+}
+
+enum Outcome {
+    Done,
+    Failed {
+        index: Option<usize>,
+        error: HandlerError,
+    },
+}
+
+pub(crate) struct PartitionWorker {
+    pub shared: Arc<Shared>,
+    pub route: Route,
+    pub pos: Position,
+    pub rx: mpsc::UnboundedReceiver<InboxMessage>,
+    pub depth: Arc<AtomicUsize>,
+    pub cancel: CancellationToken,
+}
+
+impl PartitionWorker {
+    pub(crate) async fn run(mut self) -> Stop {
+        tracing::info!(topic = %self.pos.topic, partition = self.pos.partition,
+            epoch = self.pos.epoch, next_offset = self.pos.next_offset, "partition claimed");
+        let stop = loop {
+            let Some(batch) = self.next_batch().await else {
+                break Stop::Cancelled;
+            };
+            if let Err(stop) = self.process(batch).await {
+                break stop;
+            }
+        };
+        match &stop {
+            Stop::Fenced => {
+                metrics::counter!("txbox_inbox_fenced_total").increment(1);
+                tracing::warn!(topic = %self.pos.topic, partition = self.pos.partition,
+                    epoch = self.pos.epoch, "fenced: partition reassigned; in-flight work rolled back");
+            }
+            Stop::Stopped => {
+                tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+                next_offset = self.pos.next_offset, "partition stopped by failure policy")
+            }
+            Stop::Cancelled => {
+                tracing::debug!(topic = %self.pos.topic, partition = self.pos.partition, "partition released")
+            }
+        }
+        stop
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            pool: &self.shared.pool,
+            sql: &self.shared.sql,
+            group: &self.shared.group,
+        }
+    }
+
+    async fn next_batch(&mut self) -> Option<Vec<InboxMessage>> {
+        let first = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => return None,
+            m = self.rx.recv() => m?,
+        };
+        let opts = &self.shared.opts;
+        let mut batch = vec![first];
+        let deadline = Instant::now() + opts.linger;
+        while batch.len() < opts.batch_size {
+            match self.rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        m = self.rx.recv() => match m {
+                            Some(m) => batch.push(m),
+                            None => break,
+                        },
+                    }
+                }
+            }
+        }
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        Some(batch)
+    }
+
+    /// Applies a batch; on a handler failure, commits what precedes the
+    /// failing message, retries it alone, then goes on with the rest.
+    async fn process(&mut self, batch: Vec<InboxMessage>) -> Result<(), Stop> {
+        let mut queue = VecDeque::from([batch]);
+        while let Some(mut chunk) = queue.pop_front() {
+            match self.apply(&mut chunk).await? {
+                Outcome::Done => {}
+                Outcome::Failed { error, .. } if chunk.len() == 1 => {
+                    if let Some(msg) = chunk.pop() {
+                        self.retry_single(msg, error).await?;
+                    }
+                }
+                Outcome::Failed { index, .. } => {
+                    // Isolate: [..i] good prefix, [i] the culprit, [i+1..] the
+                    // rest. Without an index, bisect.
+                    let mid = index
+                        .filter(|&i| i < chunk.len())
+                        .unwrap_or(chunk.len() / 2);
+                    let mut right = chunk.split_off(mid);
+                    if index.is_some() && !right.is_empty() {
+                        let rest = right.split_off(1);
+                        if !rest.is_empty() {
+                            queue.push_front(rest);
+                        }
+                    }
+                    queue.push_front(right);
+                    if !chunk.is_empty() {
+                        queue.push_front(chunk);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction, retried through database outages and resyncs.
+    async fn apply(&mut self, chunk: &mut Vec<InboxMessage>) -> Result<Outcome, Stop> {
+        let mut db_failures = 0u32;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
+            let next = self.pos.next_offset;
+            chunk.retain(|m| m.offset >= next);
+            let Some(last) = chunk.last().map(InboxMessage::offset) else {
+                return Ok(Outcome::Done);
+            };
+            match commit::apply(self.ctx(), &self.route, &self.pos, chunk).await {
+                Attempt::Committed {
+                    applied,
+                    duplicates,
+                } => {
+                    self.pos.next_offset = last + 1;
+                    metrics::counter!("txbox_inbox_messages_total", "outcome" => "applied")
+                        .increment(applied as u64);
+                    if duplicates > 0 {
+                        metrics::counter!("txbox_inbox_messages_total", "outcome" => "duplicate")
+                            .increment(duplicates as u64);
+                        tracing::debug!(duplicates, "skipped already-processed event ids");
+                    }
+                    return Ok(Outcome::Done);
+                }
+                Attempt::Resync { next_offset } => {
+                    tracing::info!(topic = %self.pos.topic, partition = self.pos.partition,
+                        from = self.pos.next_offset, to = next_offset, "resynced offset from database");
+                    self.pos.next_offset = next_offset;
+                }
+                Attempt::Fenced => return Err(Stop::Fenced),
+                Attempt::HandlerFailed { error, .. } if error.is_transient_db() => {
+                    db_failures += 1;
+                    self.db_backoff(db_failures, &error.to_string()).await?;
+                }
+                Attempt::HandlerFailed { index, error } => {
+                    return Ok(Outcome::Failed { index, error })
+                }
+                Attempt::Db(e) => {
+                    db_failures += 1;
+                    self.db_backoff(db_failures, &e.to_string()).await?;
+                    if !is_transient(&e) {
+                        tracing::error!(error = %e, "inbox transaction failed with a non-transient database error; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn db_backoff(&self, failures: u32, error: &str) -> Result<(), Stop> {
+        metrics::counter!("txbox_inbox_db_retries_total").increment(1);
+        let delay = self
+            .shared
+            .opts
+            .retry
+            .backoff
+            .delay(failures)
+            .min(Duration::from_secs(5));
+        tracing::warn!(topic = %self.pos.topic, partition = self.pos.partition, error,
+            retry_in_ms = delay.as_millis() as u64, "database unavailable; nothing committed, will retry");
+        self.sleep(delay).await
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<(), Stop> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(Stop::Cancelled),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    async fn retry_single(&mut self, msg: InboxMessage, first: HandlerError) -> Result<(), Stop> {
+        let policy = self.shared.opts.retry;
+        let first_failed_at = Utc::now();
+        let mut attempts = 1u32;
+        let mut error = first;
+        while !error.is_permanent() && attempts < policy.max_attempts {
+            tracing::warn!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                attempt = attempts, error = %error.chain(), "handler failed; will retry");
+            metrics::counter!("txbox_inbox_retries_total").increment(1);
+            self.sleep(policy.backoff.delay(attempts)).await?;
+            let mut one = vec![msg.clone()];
+            match self.apply(&mut one).await? {
+                Outcome::Done => return Ok(()),
+                Outcome::Failed { error: e, .. } => {
+                    attempts += 1;
+                    error = e;
+                }
+            }
+        }
+        let failure = Failure {
+            message: &msg,
+            error: error.chain(),
+            attempts,
+            first_failed_at,
+        };
+        match self.shared.opts.on_failure {
+            FailureAction::StopPartition => {
+                tracing::error!(topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+                    attempts, error = %failure.error, "message failed; stopping partition");
+                Err(Stop::Stopped)
+            }
+            FailureAction::DeadLetter => self.dead_letter(&failure).await,
+        }
+    }
+
+    async fn dead_letter(&mut self, failure: &Failure<'_>) -> Result<(), Stop> {
+        let offset = failure.message.offset;
+        let mut db_failures = 0u32;
+        loop {
+            if self.pos.next_offset > offset {
+                return Ok(());
+            }
+            match commit::dead_letter(self.ctx(), &self.pos, failure).await {
+                Attempt::Committed { .. } => {
+                    self.pos.next_offset = offset + 1;
+                    metrics::counter!("txbox_inbox_messages_total", "outcome" => "dead_lettered")
+                        .increment(1);
+                    tracing::error!(topic = %failure.message.topic, partition = failure.message.partition,
+                        offset, event_id = %failure.message.event_id, attempts = failure.attempts,
+                        error = %failure.error, "message dead-lettered");
+                    return Ok(());
+                }
+                Attempt::Resync { next_offset } => self.pos.next_offset = next_offset,
+                Attempt::Fenced => return Err(Stop::Fenced),
+                Attempt::Db(e) => {
+                    db_failures += 1;
+                    self.db_backoff(db_failures, &e.to_string()).await?;
+                }
+                Attempt::HandlerFailed { .. } => return Err(Stop::Stopped),
+            }
+        }
+    }
+}

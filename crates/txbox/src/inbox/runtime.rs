@@ -1,0 +1,377 @@
+//! The inbox: builder and consume loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::TopicPartitionList;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::assignment::InboxContext;
+use super::commit::Route;
+use super::config::{FailureAction, Options, RetryPolicy, StartFrom};
+use super::handler::{BatchHandler, Handler};
+use super::message::position_id;
+use super::sql::Statements;
+use super::{EventIdSource, InboxMessage};
+use crate::error::{Error, Result};
+use crate::headers::Headers;
+use crate::schema::{Migrator, Schema};
+
+/// What every partition worker shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub pool: PgPool,
+    pub sql: Statements,
+    pub group: String,
+    pub owner: String,
+    pub routes: HashMap<String, Route>,
+    pub opts: Options,
+}
+
+/// A Kafka consumer whose positions, dedupe and effects commit together in
+/// PostgreSQL. Build with [`Inbox::builder`], then [`run`](Inbox::run).
+///
+/// # Examples
+///
+/// ```no_run
+/// use txbox::inbox::{Handler, HandlerError, Inbox, InboxMessage, Tx};
+///
+/// struct Audit;
+///
+/// #[async_trait::async_trait]
+/// impl Handler for Audit {
+///     async fn handle(&self, tx: &mut Tx, msg: &InboxMessage) -> Result<(), HandlerError> {
+///         sqlx::query("INSERT INTO audit (event_id, body) VALUES ($1, $2)")
+///             .bind(msg.event_id())
+///             .bind(msg.text()?)
+///             .execute(&mut **tx)
+///             .await?;
+///         Ok(())
+///     }
+/// }
+///
+/// # async fn demo(pool: sqlx::PgPool) -> txbox::Result<()> {
+/// let inbox = Inbox::builder(pool)
+///     .brokers("127.0.0.1:9092")
+///     .group_id("audit")
+///     .handler("orders", Audit)
+///     .build()?;
+/// inbox.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Inbox {
+    shared: Arc<Shared>,
+    schema: Schema,
+    kafka: ClientConfig,
+    event_ids: EventIdSource,
+}
+
+/// Configures an [`Inbox`]. Every option has a default except the brokers,
+/// the group id and at least one handler.
+#[derive(Debug)]
+#[must_use]
+pub struct InboxBuilder {
+    pool: PgPool,
+    schema: Schema,
+    kafka: ClientConfig,
+    group: Option<String>,
+    owner: Option<String>,
+    routes: HashMap<String, Route>,
+    opts: Options,
+    event_ids: EventIdSource,
+}
+
+impl Inbox {
+    /// Starts configuring an inbox that writes through `pool`.
+    ///
+    /// The pool should allow at least one connection per partition this
+    /// consumer may own, plus one.
+    pub fn builder(pool: PgPool) -> InboxBuilder {
+        InboxBuilder {
+            pool,
+            schema: Schema::default(),
+            kafka: ClientConfig::new(),
+            group: None,
+            owner: None,
+            routes: HashMap::new(),
+            opts: Options::default(),
+            event_ids: EventIdSource::default(),
+        }
+    }
+
+    /// Consumes until `shutdown` completes, then finishes in-flight
+    /// transactions (or lets them roll back) and leaves the group.
+    ///
+    /// Fails at once if the schema is not migrated, or the Kafka client
+    /// cannot be created. Afterwards, broker and database outages are
+    /// waited out: nothing advances while the database is down.
+    ///
+    /// Requires Tokio's multi-threaded runtime: partition claims run on the
+    /// polling thread during rebalances (`block_in_place`).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            != tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            return Err(Error::config(
+                "the inbox needs a multi-threaded tokio runtime",
+            ));
+        }
+        Migrator::new(self.schema.clone())
+            .verify(&self.shared.pool)
+            .await?;
+        let stop = CancellationToken::new();
+        let ctx = InboxContext {
+            shared: self.shared.clone(),
+            slots: Mutex::new(HashMap::new()),
+            workers: Mutex::new(Vec::new()),
+            shutdown: stop.clone(),
+            handle: tokio::runtime::Handle::current(),
+        };
+        let consumer: StreamConsumer<InboxContext> = self.kafka.create_with_context(ctx)?;
+        let topics: Vec<&str> = self.shared.routes.keys().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        tracing::info!(group = %self.shared.group, ?topics, owner = %self.shared.owner, "inbox started");
+
+        let pruner = tokio::spawn(super::prune::run(self.shared.clone(), stop.clone()));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                _ = tick.tick() => {
+                    for (topic, partition) in consumer.context().drained() {
+                        set_paused(&consumer, &topic, partition, false);
+                    }
+                }
+                msg = consumer.recv() => match msg {
+                    Ok(m) => {
+                        let owned = self.to_owned(&m);
+                        if let Some((topic, partition)) = consumer.context().dispatch(owned) {
+                            set_paused(&consumer, &topic, partition, true);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("inbox shutting down");
+        stop.cancel();
+        let ctx = consumer.context();
+        ctx.release_all();
+        let workers: Vec<_> = std::mem::take(
+            &mut *ctx
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for w in workers {
+            let _ = w.await;
+        }
+        let _ = pruner.await;
+        consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn to_owned(&self, m: &BorrowedMessage<'_>) -> InboxMessage {
+        let topic = m.topic();
+        let headers = Headers::from_kafka(m.headers());
+        let payload = m.payload().map(<[u8]>::to_vec);
+        let event_id = self
+            .event_ids
+            .resolve(&headers, payload.as_deref())
+            .unwrap_or_else(|| position_id(topic, m.partition(), m.offset()));
+        InboxMessage {
+            topic: self
+                .shared
+                .routes
+                .get_key_value(topic)
+                .map_or_else(|| Arc::from(topic), |(k, _)| Arc::from(k.as_str())),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload,
+            headers,
+            timestamp: m
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+            event_id,
+        }
+    }
+}
+
+fn set_paused(consumer: &StreamConsumer<InboxContext>, topic: &str, partition: i32, pause: bool) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let r = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = r {
+        tracing::warn!(topic, partition, pause, error = %e, "pause/resume failed");
+    }
+}
+
+impl InboxBuilder {
+    /// Kafka bootstrap servers (`bootstrap.servers`).
+    pub fn brokers(self, brokers: &str) -> Self {
+        self.kafka_option("bootstrap.servers", brokers)
+    }
+
+    /// Any librdkafka consumer option (security, SASL, TLS, timeouts...).
+    /// `enable.auto.commit`, `enable.auto.offset.store` and `group.id` are
+    /// managed by the inbox and overridden.
+    pub fn kafka_option(mut self, key: &str, value: &str) -> Self {
+        self.kafka.set(key, value);
+        self
+    }
+
+    /// The consumer group: Kafka's group for assignment, and txbox's key for
+    /// offsets and dedupe.
+    pub fn group_id(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The txbox schema (default `txbox`).
+    pub fn schema(mut self, schema: Schema) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// Handles `topic` one message at a time (within batched transactions).
+    pub fn handler(mut self, topic: &str, handler: impl Handler) -> Self {
+        self.routes
+            .insert(topic.to_owned(), Route::Each(Arc::new(handler)));
+        self
+    }
+
+    /// Handles `topic` with a batch handler.
+    pub fn batch_handler(mut self, topic: &str, handler: impl BatchHandler) -> Self {
+        self.routes
+            .insert(topic.to_owned(), Route::Batch(Arc::new(handler)));
+        self
+    }
+
+    /// Messages per transaction, at most (default 100). Only messages
+    /// already fetched are batched unless [`linger`](Self::linger) is set;
+    /// 1 gives one transaction per message.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.opts.batch_size = n.max(1);
+        self
+    }
+
+    /// How long a partition waits for a batch to fill (default 0).
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.opts.linger = d;
+        self
+    }
+
+    /// Retry policy for failing messages (default 5 attempts).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.opts.retry = policy;
+        self
+    }
+
+    /// What to do with a message that cannot be applied (default:
+    /// dead-letter).
+    pub fn on_failure(mut self, action: FailureAction) -> Self {
+        self.opts.on_failure = action;
+        self
+    }
+
+    /// Where to start on a partition the group never committed (default:
+    /// earliest).
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.opts.start_from = start;
+        self
+    }
+
+    /// Where event ids come from (default: `ce_id`, then `txbox-event-id`).
+    pub fn event_id(mut self, source: EventIdSource) -> Self {
+        self.event_ids = source;
+        self
+    }
+
+    /// How long processed event ids are kept for dedupe (default 14 days).
+    /// Must exceed the longest time a duplicate can arrive: the topics'
+    /// retention, and any replay you may do.
+    pub fn dedupe_retention(mut self, d: Duration) -> Self {
+        self.opts.dedupe_retention = d;
+        self
+    }
+
+    /// Messages buffered per partition before it is paused (default 10,000).
+    pub fn max_buffered(mut self, n: usize) -> Self {
+        self.opts.max_buffered = n.max(2);
+        self
+    }
+
+    /// A name for this consumer, recorded as the owner of claimed
+    /// partitions (default: host name and process id).
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.owner = Some(name.into());
+        self
+    }
+
+    /// Checks the configuration and builds the inbox.
+    pub fn build(mut self) -> Result<Inbox> {
+        let group = self
+            .group
+            .filter(|g| !g.is_empty())
+            .ok_or_else(|| Error::config("inbox: group_id is required"))?;
+        if self
+            .kafka
+            .get("bootstrap.servers")
+            .is_none_or(str::is_empty)
+        {
+            return Err(Error::config(
+                "inbox: brokers (bootstrap.servers) are required",
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(Error::config("inbox: at least one handler is required"));
+        }
+        self.kafka
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        if self.kafka.get("auto.offset.reset").is_none() {
+            // Only used when a stored offset is out of range (retention
+            // deleted it): continue from the oldest message retained.
+            self.kafka.set("auto.offset.reset", "earliest");
+        }
+        let owner = self.owner.unwrap_or_else(default_owner);
+        Ok(Inbox {
+            shared: Arc::new(Shared {
+                sql: Statements::new(&self.schema),
+                pool: self.pool,
+                group,
+                owner,
+                routes: self.routes,
+                opts: self.opts,
+            }),
+            schema: self.schema,
+            kafka: self.kafka,
+            event_ids: self.event_ids,
+        })
+    }
+}
+
+fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{host}:{}", std::process::id())
+}

@@ -1,0 +1,63 @@
+//! The inbox's SQL, built once per inbox with the schema quoted.
+
+use crate::schema::Schema;
+
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// $1 group, $2 topic, $3 partition: (epoch, next_offset) if present.
+    pub select_offset: String,
+    /// Claims a partition: creates its row at $4, or bumps the epoch.
+    /// Returns (next_offset, epoch).
+    pub claim: String,
+    /// Inserts event ids; returns the ones not seen before.
+    pub insert_processed: String,
+    /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
+    /// $5 epoch, $6 expected next_offset.
+    pub advance: String,
+    pub dead_letter: String,
+    pub prune: String,
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &Schema) -> Self {
+        let offsets = schema.table("inbox_offsets");
+        let processed = schema.table("inbox_processed");
+        let dead = schema.table("inbox_dead_letters");
+        Statements {
+            select_offset: format!(
+                "SELECT epoch, next_offset FROM {offsets}
+                 WHERE consumer_group = $1 AND topic = $2 AND partition = $3"
+            ),
+            claim: format!(
+                "INSERT INTO {offsets} AS o (consumer_group, topic, partition, next_offset, epoch, owner)
+                 VALUES ($1, $2, $3, $4, 1, $5)
+                 ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+                 SET epoch = o.epoch + 1, owner = EXCLUDED.owner, assigned_at = now()
+                 RETURNING next_offset, epoch"
+            ),
+            insert_processed: format!(
+                "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
+                 SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)
+                 ON CONFLICT (consumer_group, event_id) DO NOTHING
+                 RETURNING event_id"
+            ),
+            advance: format!(
+                "UPDATE {offsets} SET next_offset = $1, updated_at = now()
+                 WHERE consumer_group = $2 AND topic = $3 AND partition = $4
+                   AND epoch = $5 AND next_offset = $6"
+            ),
+            dead_letter: format!(
+                "INSERT INTO {dead} (consumer_group, topic, partition, \"offset\", event_id, key, payload,
+                                     headers, error, attempts, first_failed_at, last_failed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (consumer_group, topic, partition, \"offset\") DO NOTHING"
+            ),
+            prune: format!(
+                "DELETE FROM {processed} WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM {processed}
+                     WHERE consumer_group = $1 AND processed_at < now() - make_interval(secs => $2)
+                     LIMIT $3))"
+            ),
+        }
+    }
+}

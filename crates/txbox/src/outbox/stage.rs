@@ -1,0 +1,143 @@
+//! Writing events into the outbox table.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{stream_for_key, OutboxEvent};
+use crate::error::{Error, Result};
+use crate::schema::Schema;
+
+/// Stages events into the outbox of one txbox schema.
+///
+/// Cheap to clone; build once and share. Staging takes the connection of the
+/// caller's transaction (`&mut *tx`), so the events commit or roll back with
+/// the business writes beside them.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> txbox::Result<()> {
+/// use txbox::{Outbox, OutboxEvent, Schema};
+///
+/// let outbox = Outbox::new(Schema::default());
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("UPDATE account SET balance = balance - 100 WHERE id = $1")
+///     .bind("a-1")
+///     .execute(&mut *tx)
+///     .await?;
+/// outbox
+///     .stage(&mut tx, OutboxEvent::json("payments.settled", &serde_json::json!({"account": "a-1"}))?.key("a-1"))
+///     .await?;
+/// tx.commit().await?; // the event now exists, and only now
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    streams: u32,
+    notify_channel: Option<String>,
+    insert_sql: String,
+}
+
+impl Outbox {
+    /// An outbox in `schema` with one relay stream and no NOTIFY.
+    pub fn new(schema: Schema) -> Self {
+        let table = schema.table("outbox");
+        Outbox {
+            streams: 1,
+            notify_channel: None,
+            insert_sql: format!(
+                "WITH ins AS (
+                    INSERT INTO {table} (stream, topic, key, payload, headers, event_id)
+                    SELECT * FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::uuid[])
+                    RETURNING stream
+                 )
+                 SELECT count(*) AS staged,
+                        (SELECT count(pg_notify($7, s::text)) FROM (SELECT DISTINCT stream AS s FROM ins) d
+                          WHERE $7 IS NOT NULL) AS notified
+                 FROM ins"
+            ),
+        }
+    }
+
+    /// Shards rows over `n` relay streams by key hash (default 1). Every
+    /// writer and relay of a schema must agree on `n`; changing it moves
+    /// keys between streams, so drain the outbox first.
+    pub fn streams(mut self, n: u32) -> Result<Self> {
+        if n == 0 || n > 4096 {
+            return Err(Error::config("outbox streams must be between 1 and 4096"));
+        }
+        self.streams = n;
+        Ok(self)
+    }
+
+    /// Sends `pg_notify(channel, stream)` in the staging transaction, a
+    /// wake-up hint for the relay (delivered only on commit). Never needed
+    /// for correctness: the relay also polls.
+    pub fn notify(mut self, channel: impl Into<String>) -> Self {
+        self.notify_channel = Some(channel.into());
+        self
+    }
+
+    /// The number of relay streams.
+    pub fn stream_count(&self) -> u32 {
+        self.streams
+    }
+
+    /// Stages one event; returns its id.
+    pub async fn stage(&self, conn: &mut PgConnection, event: OutboxEvent) -> Result<Uuid> {
+        let id = event.event_id;
+        self.stage_all(conn, [event]).await?;
+        Ok(id)
+    }
+
+    /// Stages many events in one round trip; returns their ids in order.
+    /// Within a key, staging order is publishing order.
+    pub async fn stage_all(
+        &self,
+        conn: &mut PgConnection,
+        events: impl IntoIterator<Item = OutboxEvent>,
+    ) -> Result<Vec<Uuid>> {
+        let events: Vec<OutboxEvent> = events.into_iter().collect();
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = events.len();
+        let mut streams = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut keys: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+        let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        for e in events {
+            e.validate()?;
+            // Keyless events carry no order; spread them by event id.
+            let stream = stream_for_key(
+                e.key.as_deref().unwrap_or(e.event_id.as_bytes()),
+                self.streams,
+            );
+            streams.push(stream);
+            headers.push(e.wire_headers().to_json());
+            ids.push(e.event_id);
+            topics.push(e.topic);
+            keys.push(e.key);
+            payloads.push(e.payload);
+        }
+        crate::crash_point!("outbox.before_stage");
+        let (staged, _notified): (i64, i64) = sqlx::query_as(&self.insert_sql)
+            .bind(&streams)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&ids)
+            .bind(self.notify_channel.as_deref())
+            .fetch_one(conn)
+            .await?;
+        if usize::try_from(staged).ok() != Some(n) {
+            return Err(Error::InvalidEvent(
+                format!("staged {staged} of {n} events").into(),
+            ));
+        }
+        Ok(ids)
+    }
+}

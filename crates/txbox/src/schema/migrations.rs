@@ -1,0 +1,41 @@
+//! The migrations this version of txbox carries (from `migrations/`).
+
+use sha2::{Digest, Sha256};
+
+/// One versioned SQL migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Version, increasing from 1.
+    pub version: i64,
+    /// Short name (the file name without version and extension).
+    pub name: &'static str,
+    /// The SQL, with unqualified table names (applied with `search_path` set
+    /// to the txbox schema).
+    pub sql: &'static str,
+}
+
+impl Migration {
+    /// SHA-256 of the SQL text; an applied migration must keep it.
+    pub fn checksum(&self) -> Vec<u8> {
+        Sha256::digest(self.sql.as_bytes()).to_vec()
+    }
+}
+
+/// All migrations, in version order. A service needs every one applied.
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "inbox",
+        sql: include_str!("../../../../migrations/0001_inbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "outbox",
+        sql: include_str!("../../../../migrations/0002_outbox.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "relay",
+        sql: include_str!("../../../../migrations/0003_relay.sql"),
+    },
+];
