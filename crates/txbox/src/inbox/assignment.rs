@@ -271,12 +271,14 @@ impl InboxContext {
         let key: Key = (msg.topic.clone(), msg.partition);
         let mut slots = self.slots();
         let slot = slots.get_mut(&key)?;
+        // Count before sending: the worker decrements once it has received.
+        let depth = slot.depth.fetch_add(1, Ordering::Relaxed) + 1;
         if slot.tx.send(msg).is_err() {
             // The worker stopped (failure policy): keep the partition paused.
+            slot.depth.fetch_sub(1, Ordering::Relaxed);
             slot.paused = true;
             return Some(key);
         }
-        let depth = slot.depth.fetch_add(1, Ordering::Relaxed) + 1;
         if depth >= self.shared.opts.max_buffered && !slot.paused {
             slot.paused = true;
             return Some(key);

@@ -1,0 +1,139 @@
+//! The failure drill: a consumer process is SIGKILLed at each crash window
+//! of the inbox transaction, restarted, and the final state must equal one
+//! application of every message. Real Postgres, Tansu over TCP, real
+//! processes, real SIGKILL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use txbox_testkit::process::Child;
+use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_tests::Bank;
+
+const BIN: &str = env!("CARGO_BIN_EXE_inbox-chaos");
+
+fn consumer(
+    db: &TestDb,
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    failpoints: Option<&str>,
+) -> Child {
+    let mut env = vec![
+        ("TXBOX_DATABASE_URL", db.url()),
+        ("TXBOX_KAFKA_BOOTSTRAP", bootstrap),
+        ("CHAOS_TOPIC", topic),
+        ("CHAOS_GROUP", group),
+        ("CHAOS_BATCH", "10"),
+    ];
+    if let Some(fp) = failpoints {
+        env.push(("FAILPOINTS", fp));
+    }
+    Child::spawn(Path::new(BIN), &[], &env)
+}
+
+/// Kills the consumer at `point` (on its `skip+1`th pass), restarts it,
+/// and checks exactly-once.
+async fn drill(point: &str, skip: u32) {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("drill", 2).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(300, 13);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+
+    let fp = format!("{point}={skip}*off->return");
+    let mut victim = consumer(&db, broker.bootstrap(), &topic, &group, Some(&fp));
+    victim.kill_at(point, Duration::from_secs(60)).await;
+
+    let applied_at_kill: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert!(
+        applied_at_kill < 300,
+        "the kill came before the end ({applied_at_kill} applied)"
+    );
+    // Nothing half-done is visible: effects and processed ids agree.
+    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_processed")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        applied_at_kill, processed,
+        "effects and dedupe records commit together"
+    );
+
+    let mut survivor = consumer(&db, broker.bootstrap(), &topic, &group, None);
+    let done = Bank::wait_processed(db.pool(), &group, 300, Duration::from_secs(90)).await;
+    survivor.terminate();
+    let code = survivor.wait().await;
+    assert!(
+        done,
+        "restarted consumer did not finish; stderr:\n{}",
+        survivor.stderr()
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "graceful exit on SIGTERM; stderr:\n{}",
+        survivor.stderr()
+    );
+
+    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
+    assert!(
+        problems.is_empty(),
+        "after a kill at {point}: {problems:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_before_the_business_write() {
+    drill("inbox.before_business_write", 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_after_the_business_write_before_commit() {
+    drill("inbox.after_business_write", 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_after_commit() {
+    drill("inbox.after_commit", 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_at_every_window_in_turn() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("drill", 3).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(400, 17);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+    for point in [
+        "inbox.after_commit",
+        "inbox.after_business_write",
+        "inbox.before_business_write",
+        "inbox.after_commit",
+    ] {
+        let mut victim = consumer(
+            &db,
+            broker.bootstrap(),
+            &topic,
+            &group,
+            Some(&format!("{point}=3*off->return")),
+        );
+        victim.kill_at(point, Duration::from_secs(60)).await;
+    }
+    let mut survivor = consumer(&db, broker.bootstrap(), &topic, &group, None);
+    let done = Bank::wait_processed(db.pool(), &group, 400, Duration::from_secs(90)).await;
+    survivor.terminate();
+    survivor.wait().await;
+    assert!(done, "stderr:\n{}", survivor.stderr());
+    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}

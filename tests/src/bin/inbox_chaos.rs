@@ -1,0 +1,65 @@
+//! A bank service process for crash tests: consumes deposits with a txbox
+//! inbox until SIGTERM. Built with txbox's crash points; the test harness
+//! sets `FAILPOINTS` and SIGKILLs it at one.
+//!
+//! Environment: TXBOX_DATABASE_URL, TXBOX_KAFKA_BOOTSTRAP, CHAOS_TOPIC,
+//! CHAOS_GROUP, CHAOS_BATCH (default 10), CHAOS_SLOW_OFFSET (offset whose
+//! handler sleeps CHAOS_SLOW_SECS, default 3), CHAOS_SESSION_MS.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use txbox::inbox::{Inbox, RetryPolicy};
+use txbox::{Outbox, Schema};
+use txbox_tests::Bank;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _scenario = fail::FailScenario::setup();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,txbox=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let env = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(&env("TXBOX_DATABASE_URL")?)?;
+    let mut bank = Bank::new(Outbox::new(Schema::default()));
+    if let Ok(offset) = env("CHAOS_SLOW_OFFSET") {
+        let secs: u64 = std::env::var("CHAOS_SLOW_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
+        bank = bank.slow_at(offset.parse()?, Duration::from_secs(secs));
+    }
+    let session_ms = std::env::var("CHAOS_SESSION_MS").unwrap_or_else(|_| "6000".into());
+    let inbox = Inbox::builder(pool)
+        .brokers(&env("TXBOX_KAFKA_BOOTSTRAP")?)
+        .group_id(env("CHAOS_GROUP")?)
+        .handler(&env("CHAOS_TOPIC")?, bank)
+        .batch_size(
+            std::env::var("CHAOS_BATCH")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(10),
+        )
+        .retry(RetryPolicy::attempts(3).backoff(txbox::db::Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+        )))
+        .kafka_option("session.timeout.ms", &session_ms)
+        .kafka_option("heartbeat.interval.ms", "500")
+        .kafka_option("max.poll.interval.ms", &session_ms)
+        .build()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    inbox
+        .run(async move {
+            term.recv().await;
+        })
+        .await?;
+    Ok(())
+}

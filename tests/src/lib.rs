@@ -1,0 +1,242 @@
+//! A small bank used by txbox's end-to-end tests.
+//!
+//! Deposits arrive on a topic as JSON `{"account": "...", "amount": n}` with a
+//! `ce_id` header. The handler adds the amount to the account, appends one
+//! row to `effects` (no unique constraint: a second application would show
+//! up as a second row), and stages a `BalanceChanged` event in the outbox.
+//! [`Bank::check_exactly_once`] compares the database with the deposits
+//! that were produced.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::PgPool;
+use txbox::inbox::{BatchError, BatchHandler, Handler, HandlerError, InboxMessage, Tx};
+use txbox::{Outbox, OutboxEvent};
+use txbox_testkit::kafka::Record;
+
+/// The account whose deposits always fail (retryable), to test retries
+/// and dead letters.
+pub const ALWAYS_FAILS: &str = "always-fails";
+
+/// A deposit message.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Deposit {
+    /// Account id.
+    pub account: String,
+    /// Amount.
+    pub amount: i64,
+}
+
+/// The bank's tables and handler.
+#[derive(Debug, Clone)]
+pub struct Bank {
+    outbox: Outbox,
+    /// Seconds to sleep inside the handler when a message's offset matches,
+    /// announcing `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
+    slow_offset: Option<(i64, Duration)>,
+}
+
+impl Bank {
+    /// A bank staging into `outbox`.
+    pub fn new(outbox: Outbox) -> Self {
+        Bank {
+            outbox,
+            slow_offset: None,
+        }
+    }
+
+    /// Sleeps `d` inside the transaction of the message at `offset`.
+    pub fn slow_at(mut self, offset: i64, d: Duration) -> Self {
+        self.slow_offset = Some((offset, d));
+        self
+    }
+
+    /// Creates the bank's tables.
+    pub async fn setup(pool: &PgPool) {
+        sqlx::raw_sql(
+            "CREATE TABLE account (id text PRIMARY KEY, balance bigint NOT NULL DEFAULT 0);
+             CREATE TABLE effects (event_id text NOT NULL, account text NOT NULL, amount bigint NOT NULL,
+                                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp());",
+        )
+        .execute(pool)
+        .await
+        .expect("bank tables");
+    }
+
+    /// `n` deposits over `accounts` accounts, each with a unique `ce_id`.
+    pub fn deposits(n: usize, accounts: usize) -> Vec<(String, Deposit)> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("dep-{}-{i}", uuid::Uuid::new_v4().simple()),
+                    Deposit {
+                        account: format!("acct-{}", i % accounts),
+                        amount: (i as i64 % 7) + 1,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Kafka records for deposits (keyed by account).
+    pub fn records(deposits: &[(String, Deposit)]) -> Vec<Record> {
+        deposits
+            .iter()
+            .map(|(id, d)| {
+                Record::new(serde_json::to_vec(d).expect("json"))
+                    .key(d.account.clone())
+                    .header("ce_id", id.clone())
+            })
+            .collect()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Tx,
+        msg: &InboxMessage,
+        d: &Deposit,
+    ) -> Result<(), HandlerError> {
+        if d.account == ALWAYS_FAILS {
+            return Err(HandlerError::retryable(format!(
+                "account {ALWAYS_FAILS} is unavailable"
+            )));
+        }
+        if let Some((offset, sleep)) = self.slow_offset {
+            if msg.offset() == offset {
+                eprintln!("TXBOX_CHAOS_IN_HANDLER {offset}");
+                tokio::time::sleep(sleep).await;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO account (id, balance) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET balance = account.balance + EXCLUDED.balance",
+        )
+        .bind(&d.account)
+        .bind(d.amount)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("INSERT INTO effects (event_id, account, amount) VALUES ($1, $2, $3)")
+            .bind(msg.event_id())
+            .bind(&d.account)
+            .bind(d.amount)
+            .execute(&mut **tx)
+            .await?;
+        let event = OutboxEvent::json(
+            "balance-changed",
+            &serde_json::json!({"account": d.account, "delta": d.amount}),
+        )
+        .map_err(HandlerError::permanent)?
+        .key(d.account.clone())
+        .event_type("BalanceChanged");
+        self.outbox
+            .stage(&mut **tx, event)
+            .await
+            .map_err(HandlerError::retryable)?;
+        Ok(())
+    }
+
+    /// Final-state check: every deposit applied exactly once, balances equal
+    /// the sums, one outbox event per deposit. Returns a description of
+    /// every violation (empty when exactly-once held).
+    pub async fn check_exactly_once(pool: &PgPool, deposits: &[(String, Deposit)]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let effects: Vec<(String, i64)> =
+            sqlx::query_as("SELECT event_id, count(*) FROM effects GROUP BY event_id")
+                .fetch_all(pool)
+                .await
+                .expect("effects");
+        let counts: BTreeMap<String, i64> = effects.into_iter().collect();
+        let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+        for (id, d) in deposits {
+            if d.account == ALWAYS_FAILS {
+                continue;
+            }
+            *expected.entry(d.account.clone()).or_default() += d.amount;
+            match counts.get(id).copied().unwrap_or(0) {
+                1 => {}
+                0 => problems.push(format!("lost: {id}")),
+                n => problems.push(format!("applied {n} times: {id}")),
+            }
+        }
+        let balances: BTreeMap<String, i64> = sqlx::query_as("SELECT id, balance FROM account")
+            .fetch_all(pool)
+            .await
+            .expect("balances")
+            .into_iter()
+            .collect();
+        if balances != expected {
+            problems.push(format!(
+                "balances differ: got {balances:?}, want {expected:?}"
+            ));
+        }
+        let dup_ids: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT event_id FROM txbox.inbox_processed GROUP BY consumer_group, event_id HAVING count(*) > 1) d",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("processed");
+        if dup_ids > 0 {
+            problems.push(format!("{dup_ids} event ids processed more than once"));
+        }
+        let applied: i64 = counts.values().sum();
+        let staged: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM txbox.outbox WHERE topic = 'balance-changed'")
+                .fetch_one(pool)
+                .await
+                .expect("outbox");
+        if staged != applied {
+            problems.push(format!("{staged} outbox events for {applied} effects"));
+        }
+        problems
+    }
+
+    /// Waits until `n` event ids are recorded for `group` (processed or
+    /// dead-lettered). Returns false on timeout.
+    pub async fn wait_processed(pool: &PgPool, group: &str, n: i64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM txbox.inbox_processed WHERE consumer_group = $1",
+            )
+            .bind(group)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+            if done >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+#[async_trait]
+impl Handler for Bank {
+    async fn handle(&self, tx: &mut Tx, msg: &InboxMessage) -> Result<(), HandlerError> {
+        let d: Deposit = msg.json()?;
+        self.apply(tx, msg, &d).await
+    }
+}
+
+/// The same bank as a batch handler (per-message statements in one
+/// transaction; the index of a failing message is reported).
+#[derive(Debug, Clone)]
+pub struct BatchBank(pub Arc<Bank>);
+
+#[async_trait]
+impl BatchHandler for BatchBank {
+    async fn handle_batch(&self, tx: &mut Tx, messages: &[InboxMessage]) -> Result<(), BatchError> {
+        for (i, msg) in messages.iter().enumerate() {
+            let d: Deposit = msg.json().map_err(|e| BatchError::at(i, e))?;
+            self.0
+                .apply(tx, msg, &d)
+                .await
+                .map_err(|e| BatchError::at(i, e))?;
+        }
+        Ok(())
+    }
+}
