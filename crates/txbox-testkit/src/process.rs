@@ -124,9 +124,24 @@ impl Child {
 
     /// SIGTERM (graceful stop request).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: freezes the process (a stand-in for a long GC pause or a
+    /// descheduled VM): no heartbeats, no progress, connections stay open.
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT: resumes a frozen process.
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([&format!("-{name}"), &pid.to_string()])
                 .status();
         }
     }

@@ -1,0 +1,280 @@
+//! Bad input and outages: poison messages are retried then dead-lettered
+//! with nothing lost; a partition can instead be stopped; a database outage
+//! stalls progress without loss or duplicates.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use txbox::db::Backoff;
+use txbox::inbox::{FailureAction, Inbox, InboxBuilder, RetryPolicy};
+use txbox::{Outbox, Schema};
+use txbox_testkit::kafka::Record;
+use txbox_testkit::proxy::TcpProxy;
+use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_tests::{Bank, Deposit, ALWAYS_FAILS};
+
+fn run(
+    builder: InboxBuilder,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<txbox::Result<()>>,
+) {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let inbox = builder.build().expect("config");
+    (
+        stop,
+        tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await }),
+    )
+}
+
+async fn stop(
+    handle: (
+        CancellationToken,
+        tokio::task::JoinHandle<txbox::Result<()>>,
+    ),
+) {
+    handle.0.cancel();
+    tokio::time::timeout(Duration::from_secs(30), handle.1)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran cleanly");
+}
+
+fn fast_retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy::attempts(attempts).backoff(Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(50),
+    ))
+}
+
+async fn next_offset(db: &TestDb, group: &str) -> i64 {
+    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1")
+        .bind(group)
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+async fn wait_offset(db: &TestDb, group: &str, want: i64, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if next_offset(db, group).await >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("poison", 1).await;
+    let group = unique_name("bank");
+
+    let before = Bank::deposits(20, 5);
+    let after = Bank::deposits(20, 5);
+    let fails = Deposit {
+        account: ALWAYS_FAILS.into(),
+        amount: 1,
+    };
+    let no_id = Deposit {
+        account: "acct-no-id".into(),
+        amount: 9,
+    };
+    let mut records = Bank::records(&before);
+    records.push(
+        Record::new(&b"{not json"[..])
+            .header("ce_id", "malformed-1")
+            .header("trace", vec![0xde, 0xad]),
+    );
+    records.push(Record::new(serde_json::to_vec(&fails).unwrap()).header("ce_id", "fails-1"));
+    records.push(
+        Record {
+            payload: None,
+            ..Record::default()
+        }
+        .header("ce_id", "tombstone-1"),
+    );
+    records.push(Record::new(serde_json::to_vec(&no_id).unwrap())); // no event id header
+    records.extend(Bank::records(&after));
+    let positions = kafka::produce(broker.bootstrap(), &topic, records).await;
+    let total = positions.len() as i64;
+
+    let h = run(Inbox::builder(db.pool().clone())
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+        .batch_size(10)
+        .retry(fast_retry(3)));
+    assert!(
+        wait_offset(&db, &group, total, Duration::from_secs(60)).await,
+        "consumed past every message"
+    );
+    stop(h).await;
+
+    let dead: Vec<(String, i64, Option<Vec<u8>>, i32, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT event_id, \"offset\", payload, attempts, error, headers FROM txbox.inbox_dead_letters WHERE consumer_group = $1 ORDER BY \"offset\"",
+    )
+    .bind(&group)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 3, "{dead:#?}");
+    let (id, off, payload, attempts, error, headers) = &dead[0];
+    assert_eq!(
+        (id.as_str(), *off, *attempts),
+        ("malformed-1", 20, 1),
+        "decode errors are permanent: one attempt"
+    );
+    assert_eq!(
+        payload.as_deref(),
+        Some(&b"{not json"[..]),
+        "payload kept byte for byte"
+    );
+    assert!(error.contains("invalid JSON"), "{error}");
+    let headers = txbox::Headers::from_json(headers).unwrap();
+    assert_eq!(
+        headers.get("trace"),
+        Some(&[0xde, 0xad][..]),
+        "binary header kept"
+    );
+    assert_eq!(
+        (dead[1].0.as_str(), dead[1].1, dead[1].3),
+        ("fails-1", 21, 3),
+        "retryable: all attempts used"
+    );
+    assert!(dead[1].4.contains("unavailable"), "{}", dead[1].4);
+    assert_eq!(
+        (dead[2].0.as_str(), dead[2].1, dead[2].2.as_deref()),
+        ("tombstone-1", 22, None)
+    );
+
+    // Everything else applied exactly once, including the message without
+    // an id (deduped by position) and those after the poison.
+    let mut good = before.clone();
+    good.extend(after.clone());
+    good.push((format!("{topic}/0/23"), no_id));
+    let problems = Bank::check_exactly_once(db.pool(), &good).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("stop", 1).await;
+    let group = unique_name("bank");
+    let before = Bank::deposits(15, 3);
+    let after = Bank::deposits(15, 3);
+    let mut records = Bank::records(&before);
+    records.push(Record::new(&b"garbage"[..]).header("ce_id", "poison-1"));
+    records.extend(Bank::records(&after));
+    kafka::produce(broker.bootstrap(), &topic, records).await;
+
+    let builder = || {
+        Inbox::builder(db.pool().clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+            .batch_size(4)
+            .retry(fast_retry(2))
+    };
+    let h = run(builder().on_failure(FailureAction::StopPartition));
+    assert!(wait_offset(&db, &group, 15, Duration::from_secs(60)).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop(h).await;
+    assert_eq!(
+        next_offset(&db, &group).await,
+        15,
+        "stopped at the poison, not past it"
+    );
+    let problems = Bank::check_exactly_once(db.pool(), &before).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+
+    // The operator switches to dead-lettering: the poison is moved aside
+    // and the rest flows, each once.
+    let h = run(builder());
+    assert!(wait_offset(&db, &group, 31, Duration::from_secs(60)).await);
+    stop(h).await;
+    let mut all = before;
+    all.extend(after);
+    let problems = Bank::check_exactly_once(db.pool(), &all).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("outage", 2).await;
+    let group = unique_name("bank");
+    let first = Bank::deposits(200, 11);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&first)).await;
+
+    // The inbox reaches Postgres only through a proxy we can cut.
+    let direct = PgConnectOptions::from_str(db.url()).unwrap();
+    let proxy = TcpProxy::start(&format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    let via_proxy = direct.clone().host("127.0.0.1").port(proxy.port());
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_with(via_proxy)
+        .await
+        .unwrap();
+
+    let h = run(Inbox::builder(pool)
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+        .batch_size(5)
+        .retry(fast_retry(3)));
+    assert!(
+        wait_offset(&db, &group, 20, Duration::from_secs(60)).await,
+        "made progress before the outage"
+    );
+
+    proxy.cut();
+    let second = Bank::deposits(200, 11);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&second)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = next_offset(&db, &group).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        next_offset(&db, &group).await,
+        during,
+        "nothing advances while the database is unreachable"
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "an outage is not a poison message");
+
+    proxy.restore();
+    assert!(
+        wait_offset(&db, &group, 400, Duration::from_secs(60)).await,
+        "resumed after the outage"
+    );
+    stop(h).await;
+    let mut all = first;
+    all.extend(second);
+    let problems = Bank::check_exactly_once(db.pool(), &all).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
