@@ -1,0 +1,230 @@
+//! The database's own limit for the inbox's SQL, from a sqlx loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
+
+use crate::Shape;
+
+/// A scratch database with txbox migrated and the ceiling's tables.
+pub(crate) struct BenchDb {
+    pub name: String,
+    pub pool: PgPool,
+    admin_url: String,
+}
+
+impl BenchDb {
+    pub(crate) async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        let name = format!("txbox_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await?;
+        let url = match admin_url.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin_url[..i]),
+            None => anyhow::bail!("database URL has no database part"),
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .test_before_acquire(false)
+            .connect(&url)
+            .await?;
+        txbox::Migrator::new(txbox::Schema::default())
+            .run(&pool)
+            .await?;
+        // The pg-ceiling schema, in its own schema; `account` is shared with
+        // the inbox's handler.
+        sqlx::raw_sql(
+            "CREATE SCHEMA ceiling;
+             CREATE TABLE ceiling.inbox_offsets(grp text, topic text, part int, next_offset bigint not null,
+                 epoch bigint not null default 0, primary key(grp, topic, part));
+             CREATE TABLE ceiling.inbox_events(grp text, event_id uuid, primary key(grp, event_id));
+             CREATE TABLE ceiling.outbox(id bigserial primary key, txid xid8 not null default pg_current_xact_id(),
+                 topic text, key text, payload jsonb, created_at timestamptz default now());
+             INSERT INTO ceiling.inbox_offsets SELECT 'g', 't', p, 0 FROM generate_series(0, 15) p;
+             CREATE TABLE account(id int primary key, balance bigint not null);
+             INSERT INTO account SELECT g, 0 FROM generate_series(1, 100000) g;
+             ANALYZE account;
+             INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset)
+               SELECT 'ceiling', 't', p, 0 FROM generate_series(0, 15) p;",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(BenchDb {
+            name,
+            pool,
+            admin_url: admin_url.to_owned(),
+        })
+    }
+
+    pub(crate) async fn drop_db(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Which SQL a ceiling run executes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Sql {
+    /// `shared/bench/pg-ceiling`'s inbox1.sql / inbox100.sql.
+    Reference,
+    /// The statements a txbox inbox commit executes, on txbox's tables:
+    /// event-id insert, business update, outbox staging, fenced offset
+    /// advance.
+    Txbox,
+}
+
+/// Runs the ceiling SQL with `partitions` clients for `dur`; returns
+/// messages/s.
+pub(crate) async fn run(
+    db: &BenchDb,
+    sql: Sql,
+    shape: Shape,
+    dur: Duration,
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for client in 0..shape.partitions {
+        let pool = db.pool.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let outbox = txbox::Outbox::new(txbox::Schema::default());
+            let mut next_offset = 0i64;
+            let part = i32::try_from(client).unwrap_or(0);
+            while Instant::now() < deadline {
+                let r = match sql {
+                    Sql::Reference => one_txn(&pool, shape.batch).await,
+                    Sql::Txbox => {
+                        txbox_txn(&pool, &outbox, part, &mut next_offset, shape.batch).await
+                    }
+                };
+                match r {
+                    Ok(()) => {
+                        done.fetch_add(shape.batch as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if txbox::db::is_transient(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn one_txn(pool: &PgPool, batch: usize) -> Result<(), sqlx::Error> {
+    let (part, ids): (i32, Vec<i32>) = {
+        let mut rng = rand::thread_rng();
+        (
+            rng.gen_range(0..16),
+            (0..batch).map(|_| rng.gen_range(1..=100_000)).collect(),
+        )
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE ceiling.inbox_offsets SET next_offset = next_offset + $1 WHERE grp = 'g' AND topic = 't' AND part = $2")
+        .bind(batch as i64)
+        .bind(part)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO ceiling.inbox_events SELECT 'g', gen_random_uuid() FROM generate_series(1, $1)")
+        .bind(batch as i32)
+        .execute(&mut *tx)
+        .await?;
+    if batch == 1 {
+        sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = $1")
+            .bind(ids[0])
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO ceiling.outbox(topic, key, payload)
+         SELECT 'out', g::text, '{\"kind\":\"PaymentSettled\",\"amount\":100}' FROM unnest($1::int4[]) g",
+    )
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// One transaction of exactly the SQL a txbox inbox commit runs (the same
+/// statement texts as `txbox::inbox`'s), without Kafka or the runtime.
+async fn txbox_txn(
+    pool: &PgPool,
+    outbox: &txbox::Outbox,
+    part: i32,
+    next_offset: &mut i64,
+    batch: usize,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<i32> = {
+        let mut rng = rand::thread_rng();
+        (0..batch).map(|_| rng.gen_range(1..=100_000)).collect()
+    };
+    let event_ids: Vec<String> = (0..batch)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let offsets: Vec<i64> = (0..batch as i64).map(|i| *next_offset + i).collect();
+    let mut tx = pool.begin().await?;
+    let fresh: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO \"txbox\".\"inbox_processed\" (consumer_group, event_id, topic, partition, \"offset\")
+         SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)
+         ON CONFLICT (consumer_group, event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind("ceiling")
+    .bind(&event_ids)
+    .bind("t")
+    .bind(part)
+    .bind(&offsets)
+    .fetch_all(&mut *tx)
+    .await?;
+    debug_assert_eq!(fresh.len(), batch);
+    sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    let events = ids.iter().map(|id| {
+        txbox::OutboxEvent::new("out", &br#"{"kind":"PaymentSettled","amount":100}"#[..])
+            .key(id.to_string())
+    });
+    outbox
+        .stage_all(&mut tx, events)
+        .await
+        .map_err(|e| match e {
+            txbox::Error::Database(e) => e,
+            other => sqlx::Error::Protocol(other.to_string()),
+        })?;
+    let new_offset = *next_offset + batch as i64;
+    sqlx::query(
+        "UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now()
+         WHERE consumer_group = $2 AND topic = $3 AND partition = $4 AND epoch = $5 AND next_offset = $6",
+    )
+    .bind(new_offset)
+    .bind("ceiling")
+    .bind("t")
+    .bind(part)
+    .bind(1i64)
+    .bind(*next_offset)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    *next_offset = new_offset;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The inbox over a pre-filled topic, doing the ceiling's business work.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+use txbox::inbox::{BatchError, BatchHandler, Inbox, InboxMessage, Tx};
+use txbox::{Outbox, OutboxEvent, Schema};
+
+use crate::ceiling::BenchDb;
+use crate::Shape;
+
+struct Settle {
+    outbox: Outbox,
+}
+
+#[async_trait]
+impl BatchHandler for Settle {
+    async fn handle_batch(&self, tx: &mut Tx, messages: &[InboxMessage]) -> Result<(), BatchError> {
+        let mut ids = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let text = m.text().map_err(|e| BatchError::at(i, e))?;
+            let id: i32 = text
+                .parse()
+                .map_err(|_| BatchError::at(i, m.decode_error("not an account id", None)))?;
+            ids.push(id);
+        }
+        sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut **tx)
+            .await?;
+        let events = ids.iter().map(|id| {
+            OutboxEvent::new("out", &br#"{"kind":"PaymentSettled","amount":100}"#[..])
+                .key(id.to_string())
+        });
+        self.outbox
+            .stage_all(&mut **tx, events)
+            .await
+            .map_err(|e| BatchError::from(txbox::inbox::HandlerError::retryable(e)))?;
+        Ok(())
+    }
+}
+
+/// Fills a fresh topic with `n` messages, consumes it; returns messages/s.
+pub(crate) async fn run(
+    db: &BenchDb,
+    bootstrap: &str,
+    shape: Shape,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let broker = txbox_testkit::Broker::at(bootstrap);
+    let topic = broker.topic("bench-in", shape.partitions as i32).await;
+    fill(bootstrap, &topic, n, shape.partitions).await?;
+    let group = txbox_testkit::unique_name("bench");
+
+    let stop = CancellationToken::new();
+    let inbox = Inbox::builder(db.pool.clone())
+        .brokers(bootstrap)
+        .group_id(&group)
+        .batch_handler(
+            &topic,
+            Settle {
+                outbox: Outbox::new(Schema::default()),
+            },
+        )
+        .batch_size(shape.batch)
+        .build()?;
+    let s = stop.clone();
+    let started = Instant::now();
+    let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
+    loop {
+        let consumed: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1",
+        )
+        .bind(&group)
+        .fetch_one(&db.pool)
+        .await?;
+        if consumed as usize >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("inbox consumed only {consumed} of {n} in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    task.await??;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+async fn fill(bootstrap: &str, topic: &str, n: usize, partitions: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let mut pending = Vec::with_capacity(10_000);
+    let mut rng_state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..n {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let account = (rng_state % 100_000 + 1).to_string();
+        let id = uuid::Uuid::new_v4().to_string();
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "ce_id",
+            value: Some(&id),
+        });
+        let mut record = FutureRecord::<(), _>::to(topic)
+            .payload(&account)
+            .partition((i % partitions) as i32)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => break pending.push(f),
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+        if pending.len() == 10_000 {
+            for f in pending.drain(..) {
+                f.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for f in pending {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! `txbox-bench`: throughput of txbox against a baseline measured in the
+//! same process, on the same database and broker.
+//!
+//! ```text
+//! txbox-bench inbox [--messages N] [--seconds S]
+//! ```
+//!
+//! For each scenario (per-message transactions on one partition; batches of
+//! 100 on one partition; batches of 100 on four partitions) it runs:
+//! 1. two ceilings from a sqlx loop with the same batch size and
+//!    concurrency: *txbox SQL*, exactly the statements an inbox commit runs
+//!    on txbox's tables (event-id insert, business update, outbox staging,
+//!    fenced offset advance), so the ratio is the runtime's own overhead;
+//!    and *pg-ceiling*, the reference SQL of `shared/bench/pg-ceiling`
+//!    (smaller rows, fewer indexes), so the ratio includes the schema's cost;
+//! 2. the inbox: a topic pre-filled with N messages, consumed by a txbox
+//!    inbox whose batch handler does the same business update and stages the
+//!    same outbox rows;
+//!
+//! and prints messages/s for both and their ratio.
+//!
+//! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
+//! `TXBOX_KAFKA_BOOTSTRAP` (a broker; `scripts/dev-up` starts Tansu).
+
+mod ceiling;
+mod inbox;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "txbox-bench")]
+struct Opt {
+    /// Server to create the benchmark database on.
+    #[arg(
+        long,
+        env = "TXBOX_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TXBOX_KAFKA_BOOTSTRAP")]
+    bootstrap: String,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// The inbox against its SQL's ceiling.
+    Inbox {
+        /// Messages per batch scenario (per-message runs use a tenth).
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+        /// Seconds per ceiling run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+/// One scenario's shape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub batch: usize,
+    pub partitions: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let opt = Opt::parse();
+    match opt.what {
+        What::Inbox { messages, seconds } => {
+            let db = ceiling::BenchDb::create(&opt.database_url).await?;
+            println!(
+                "txbox-bench inbox: database {}, broker {}",
+                db.name, opt.bootstrap
+            );
+            println!(
+                "{:<28} {:>11} {:>13} {:>7} {:>13} {:>7}",
+                "scenario", "inbox msg/s", "txbox SQL", "ratio", "pg-ceiling", "ratio"
+            );
+            let scenarios = [
+                (
+                    "1 msg/txn, 1 partition",
+                    Shape {
+                        batch: 1,
+                        partitions: 1,
+                    },
+                    messages / 20,
+                ),
+                (
+                    "100 msg/txn, 1 partition",
+                    Shape {
+                        batch: 100,
+                        partitions: 1,
+                    },
+                    messages,
+                ),
+                (
+                    "100 msg/txn, 4 partitions",
+                    Shape {
+                        batch: 100,
+                        partitions: 4,
+                    },
+                    messages,
+                ),
+            ];
+            for (name, shape, n) in scenarios {
+                let dur = std::time::Duration::from_secs(seconds);
+                let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur).await?;
+                let reference = ceiling::run(&db, ceiling::Sql::Reference, shape, dur).await?;
+                let inbox = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
+                println!(
+                    "{name:<28} {inbox:>11.0} {same:>13.0} {:>7.2} {reference:>13.0} {:>7.2}",
+                    inbox / same,
+                    inbox / reference
+                );
+            }
+            db.drop_db().await?;
+        }
+    }
+    Ok(())
+}
