@@ -44,6 +44,9 @@ async fn stop(
         .expect("ran cleanly");
 }
 
+/// event_id, offset, payload, attempts, error, headers
+type DeadLetter = (String, i64, Option<Vec<u8>>, i32, String, serde_json::Value);
+
 fn fast_retry(attempts: u32) -> RetryPolicy {
     RetryPolicy::attempts(attempts).backoff(Backoff::new(
         Duration::from_millis(10),
@@ -120,7 +123,7 @@ async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
     );
     stop(h).await;
 
-    let dead: Vec<(String, i64, Option<Vec<u8>>, i32, String, serde_json::Value)> = sqlx::query_as(
+    let dead: Vec<DeadLetter> = sqlx::query_as(
         "SELECT event_id, \"offset\", payload, attempts, error, headers FROM txbox.inbox_dead_letters WHERE consumer_group = $1 ORDER BY \"offset\"",
     )
     .bind(&group)

@@ -132,7 +132,7 @@ impl Bank {
         .key(d.account.clone())
         .event_type("BalanceChanged");
         self.outbox
-            .stage(&mut **tx, event)
+            .stage(tx, event)
             .await
             .map_err(HandlerError::retryable)?;
         Ok(())

@@ -36,7 +36,7 @@ impl BatchHandler for Settle {
                 .key(id.to_string())
         });
         self.outbox
-            .stage_all(&mut **tx, events)
+            .stage_all(tx, events)
             .await
             .map_err(|e| BatchError::from(txbox::inbox::HandlerError::retryable(e)))?;
         Ok(())

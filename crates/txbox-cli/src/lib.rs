@@ -12,6 +12,8 @@
 //! Every command reads `--database-url` (`TXBOX_DATABASE_URL`) and
 //! `--schema` (`TXBOX_SCHEMA`, default `txbox`).
 
+#![warn(clippy::unwrap_used)]
+
 mod inspect;
 
 use anyhow::Context as _;

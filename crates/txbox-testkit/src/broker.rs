@@ -72,7 +72,7 @@ async fn start_tansu() -> Broker {
          while kill -0 {parent} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b 2>/dev/null",
         parent = std::process::id()
     );
-    std::process::Command::new("sh")
+    let mut watchdog = std::process::Command::new("sh")
         .arg("-c")
         .arg(script)
         .arg(&bin)
@@ -86,6 +86,8 @@ async fn start_tansu() -> Broker {
                 bin.display()
             )
         });
+    // Reap the watchdog whenever it exits.
+    std::thread::spawn(move || watchdog.wait());
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..300 {
         if tokio::net::TcpStream::connect(&addr).await.is_ok() {

@@ -40,7 +40,7 @@
 //!             .execute(&mut **tx)
 //!             .await?;
 //!         let event = OutboxEvent::json("balances", &deposit).map_err(HandlerError::permanent)?;
-//!         self.outbox.stage(&mut **tx, event).await.map_err(HandlerError::retryable)?;
+//!         self.outbox.stage(tx, event).await.map_err(HandlerError::retryable)?;
 //!         Ok(())
 //!     }
 //! }
@@ -65,7 +65,9 @@
 //! | `failpoints` | Named crash points for fault-injection tests. Never in production. | no |
 
 #![warn(missing_docs, unreachable_pub)]
-#![doc(test(attr(deny(warnings))))]
+// Library code never unwraps: bad input is a typed error.
+#![warn(clippy::unwrap_used)]
+#![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
 #[doc(hidden)]
 pub mod crash;

@@ -85,7 +85,7 @@ impl Handler for Payments {
         .event_type("PaymentSettled")
         .source("/payments");
         self.outbox
-            .stage(&mut **tx, settled)
+            .stage(tx, settled)
             .await
             .map_err(HandlerError::retryable)?;
         Ok(())

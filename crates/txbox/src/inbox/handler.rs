@@ -43,7 +43,7 @@ pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 ///         let event = OutboxEvent::json("balances", &serde_json::json!({"account": d.account}))
 ///             .map_err(HandlerError::permanent)?
 ///             .key(d.account.clone());
-///         self.outbox.stage(&mut **tx, event).await.map_err(HandlerError::retryable)?;
+///         self.outbox.stage(tx, event).await.map_err(HandlerError::retryable)?;
 ///         Ok(())
 ///     }
 /// }
