@@ -96,7 +96,12 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to the database at {}", redact(url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to the database at {}",
+                txbox::db::redact_url(url)
+            )
+        })?;
     let migrator = Migrator::new(schema.clone());
     match opt.command {
         Command::Migrate {
@@ -154,35 +159,4 @@ pub fn init_logging() {
         )
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redacts_password() {
-        assert_eq!(
-            super::redact("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
 }

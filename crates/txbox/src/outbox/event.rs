@@ -109,13 +109,11 @@ impl OutboxEvent {
         self.event_id
     }
 
-    /// The headers as they will be sent: the caller's, plus CloudEvents
-    /// binary-mode headers (`ce_id`, `ce_specversion`, and `ce_type`,
-    /// `ce_source`, `content-type` where known).
-    pub(crate) fn wire_headers(&self) -> Headers {
+    /// The headers stored with the row: the caller's, plus CloudEvents
+    /// `ce_type`, `ce_source` and `content-type` where known. The relay adds
+    /// `ce_id` (the event id column) and `ce_specversion` when publishing.
+    pub(crate) fn stored_headers(&self) -> Headers {
         let mut h = self.headers.clone();
-        h.set("ce_id", self.event_id.to_string());
-        h.set("ce_specversion", "1.0");
         if let Some(t) = &self.event_type {
             h.set("ce_type", t.as_bytes());
         }

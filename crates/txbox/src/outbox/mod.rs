@@ -6,8 +6,9 @@
 //! committed rows to Kafka; rows from a rolled-back transaction never exist,
 //! so they are never published.
 //!
-//! Every staged event carries an event id (a UUID, assigned if absent) as the
-//! CloudEvents `ce_id` header, so a txbox inbox downstream drops redeliveries.
+//! Every staged event carries an event id (a UUID, assigned if absent); the
+//! relay sends it as the CloudEvents `ce_id` header (with `ce_specversion`),
+//! so a txbox inbox downstream drops redeliveries.
 
 mod event;
 mod stage;

@@ -116,7 +116,7 @@ impl Outbox {
                 self.streams,
             );
             streams.push(stream);
-            headers.push(e.wire_headers().to_json());
+            headers.push(e.stored_headers().to_json());
             ids.push(e.event_id);
             topics.push(e.topic);
             keys.push(e.key);

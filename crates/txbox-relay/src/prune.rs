@@ -1,0 +1,101 @@
+//! Deleting published rows behind a stream's position, a little at a time.
+//!
+//! Rows at or before the position recorded in `relay_streams` are published
+//! and no longer needed. They are deleted by `ctid` in batches of
+//! `prune_batch`, each a short statement of its own, with a pause between
+//! batches: never one long `DELETE` that holds locks, bloats a snapshot or
+//! competes with writers for minutes. Each batch checks the fencing token,
+//! so an instance that lost the stream stops pruning.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::cursor::Position;
+use crate::error::Result;
+
+/// Deletes one stream's published outbox rows.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> txbox_relay::Result<()> {
+/// use txbox_relay::{Position, Pruner};
+///
+/// let pruner = Pruner::new(&txbox::Schema::default(), 0, 1000);
+/// let deleted = pruner.prune_once(&pool, 7, Position { txid: 812, id: 40_000 }).await?;
+/// println!("deleted {deleted} rows");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Pruner {
+    stream: i32,
+    batch: i64,
+    sql: String,
+}
+
+/// Pause between two prune batches of one round.
+const PAUSE: Duration = Duration::from_millis(20);
+
+impl Pruner {
+    /// A pruner for `stream` of the outbox in `schema`, deleting up to
+    /// `batch` rows per statement.
+    pub fn new(schema: &txbox::Schema, stream: i32, batch: i64) -> Self {
+        Pruner {
+            stream,
+            batch: batch.max(1),
+            sql: format!(
+                "DELETE FROM {outbox}
+                  WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM {outbox}
+                         WHERE stream = $1 AND (txid, id) <= ($2::text::xid8, $3)
+                         LIMIT $4))
+                    AND EXISTS (SELECT 1 FROM {streams} WHERE stream = $1 AND fencing_token = $5)",
+                outbox = schema.table("outbox"),
+                streams = schema.table("relay_streams"),
+            ),
+        }
+    }
+
+    /// Rows per prune statement.
+    pub fn batch_size(&self) -> i64 {
+        self.batch
+    }
+
+    /// Deletes up to one batch of rows at or before `upto`, if `token` is
+    /// still the stream's fencing token. Returns how many were deleted.
+    pub async fn prune_once(&self, pool: &PgPool, token: i64, upto: Position) -> Result<u64> {
+        let done = sqlx::query(&self.sql)
+            .bind(self.stream)
+            .bind(upto.txid.to_string())
+            .bind(upto.id)
+            .bind(self.batch)
+            .bind(token)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes batches until fewer than a full batch remain (or `max_batches`
+    /// ran), pausing briefly between them. Returns the rows deleted.
+    pub async fn prune(
+        &self,
+        pool: &PgPool,
+        token: i64,
+        upto: Position,
+        max_batches: usize,
+    ) -> Result<u64> {
+        let mut total = 0;
+        for i in 0..max_batches {
+            if i > 0 {
+                tokio::time::sleep(PAUSE).await;
+            }
+            let n = self.prune_once(pool, token, upto).await?;
+            total += n;
+            if n < self.batch.unsigned_abs() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}

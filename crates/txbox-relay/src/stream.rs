@@ -1,0 +1,579 @@
+//! One relay stream: lease, recover, then read → publish → record, until
+//! shutdown.
+//!
+//! ```text
+//! verify schema (once)
+//! loop {                                   // leadership
+//!     acquire lease (wait while another instance holds it)
+//!     start publisher, recover position
+//!     loop {                               // batches
+//!         renew lease when less than ttl/2 is left
+//!         read up to batch_size rows after the position (below xmin)
+//!         none: wait for NOTIFY or poll_interval
+//!         publish (one Kafka transaction, or all acknowledged)
+//!         record the position in relay_streams (fencing token checked)
+//!     }
+//!     lease lost / producer fenced: drop the producer, back to acquiring
+//! }
+//! shutdown: finish (or abort) the batch in flight, release the lease
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use txbox::db::{is_transient, Backoff};
+
+use crate::config::{Mode, OnReject, RelayConfig};
+use crate::cursor::{Cursor, OutboxRow, Position};
+use crate::dead_letter::DeadLetters;
+use crate::error::{Error, Result};
+use crate::lease::{Lease, Leases};
+use crate::prune::Pruner;
+use crate::publisher::{AtLeastOnce, PublishError, Publisher, PublisherSettings, Transactional};
+use crate::report::StreamReport;
+
+/// How long a batch in flight at shutdown may take to finish before it is
+/// abandoned (exactly-once: aborted).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Prune statements per prune round at most.
+const PRUNE_BATCHES_PER_ROUND: usize = 100;
+
+/// Everything one stream task needs.
+#[derive(Debug)]
+pub(crate) struct StreamTask {
+    pub(crate) config: Arc<RelayConfig>,
+    pub(crate) schema: txbox::Schema,
+    pub(crate) pool: PgPool,
+    pub(crate) stream: i32,
+    pub(crate) wake: Arc<Notify>,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// Why the batch loop ended.
+enum Exit {
+    Shutdown,
+    LeaseLost,
+    Fatal(String),
+    Stop(Error),
+}
+
+impl StreamTask {
+    /// Runs the stream until shutdown or an error that needs a person.
+    pub(crate) async fn run(self) -> StreamReport {
+        let mut report = StreamReport::new(self.stream);
+        if let Err(e) = self.run_inner(&mut report).await {
+            tracing::error!(stream = self.stream, error = %e, "stream stopped");
+            report.error = Some(e);
+        }
+        report
+    }
+
+    async fn run_inner(&self, report: &mut StreamReport) -> Result<()> {
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        self.verify_schema(&backoff).await?;
+        let leases = Leases::new(
+            self.pool.clone(),
+            &self.schema,
+            self.config.instance.clone(),
+            self.config.lease_ttl,
+        );
+        let (prune_tx, prune_rx) = watch::channel(None);
+        let prune_cancel = self.cancel.child_token();
+        self.spawn_pruner(prune_rx, prune_cancel.clone());
+        // Also stops the pruner if this task is aborted.
+        let _prune_guard = prune_cancel.drop_guard();
+        self.lead(&leases, &backoff, &prune_tx, report).await
+    }
+
+    async fn verify_schema(&self, backoff: &Backoff) -> Result<()> {
+        let migrator = txbox::Migrator::new(self.schema.clone());
+        let mut attempt = 0;
+        loop {
+            match migrator.verify(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(txbox::Error::Database(e)) if is_transient(&e) => {
+                    attempt += 1;
+                    tracing::warn!(stream = self.stream, error = %e, "database unavailable; retrying");
+                    if !self.pause(backoff.delay(attempt)).await {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sleeps, or returns false at once on shutdown.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    }
+
+    /// The leadership loop: acquire, publish until the lease or producer
+    /// is lost, repeat.
+    async fn lead(
+        &self,
+        leases: &Leases,
+        backoff: &Backoff,
+        prune_tx: &watch::Sender<Option<(i64, Position)>>,
+        report: &mut StreamReport,
+    ) -> Result<()> {
+        let stream = self.stream;
+        let ttl = self.config.lease_ttl;
+        let mut attempt = 0;
+        let mut waiting_logged = false;
+        while !self.cancel.is_cancelled() {
+            let lease = match leases.try_acquire(stream).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    if !waiting_logged {
+                        let holder = leases.holder(stream).await.ok().flatten();
+                        tracing::info!(stream, holder = ?holder, "stream is held by another instance; waiting");
+                        waiting_logged = true;
+                    }
+                    metrics::gauge!("txbox_relay_leader", "stream" => stream.to_string()).set(0.0);
+                    self.pause((ttl / 4).min(Duration::from_secs(1))).await;
+                    continue;
+                }
+                Err(Error::Database(e)) if is_transient(&e) => {
+                    attempt += 1;
+                    tracing::warn!(stream, error = %e, "lease acquisition failed; retrying");
+                    self.pause(backoff.delay(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            waiting_logged = false;
+            report.leaderships += 1;
+            tracing::info!(stream, token = lease.token(), instance = %leases.instance(), "acquired stream lease");
+            metrics::gauge!("txbox_relay_leader", "stream" => stream.to_string()).set(1.0);
+            let settings = PublisherSettings::new(&self.config, stream);
+            let started = match self.config.mode {
+                Mode::ExactlyOnce => Transactional::start(settings, lease.position())
+                    .await
+                    .map(|(p, pos)| (Publisher::Transactional(p), pos)),
+                Mode::AtLeastOnce => AtLeastOnce::start(settings)
+                    .await
+                    .map(|p| (Publisher::AtLeastOnce(p), lease.position())),
+            };
+            let (publisher, position) = match started {
+                Ok(started) => started,
+                Err(PublishError::Unsupported(detail)) => {
+                    let _ = leases.release(&lease).await;
+                    return Err(Error::TransactionsUnsupported {
+                        brokers: self.config.brokers.clone(),
+                        detail,
+                    });
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(stream, error = ?e, "cannot start the publisher; retrying");
+                    let _ = leases.release(&lease).await;
+                    self.pause(backoff.delay(attempt)).await;
+                    continue;
+                }
+            };
+            attempt = 0;
+            let mut run = Leader {
+                task: self,
+                leases,
+                lease,
+                publisher,
+                position,
+                cursor: Cursor::new(&self.schema, stream),
+                dead_letters: DeadLetters::new(&self.schema, stream),
+                backoff: *backoff,
+                prune_tx,
+            };
+            let exit = run.publish_loop(report).await;
+            let Leader {
+                lease, publisher, ..
+            } = run;
+            publisher.close().await;
+            metrics::gauge!("txbox_relay_leader", "stream" => stream.to_string()).set(0.0);
+            match exit {
+                Exit::Shutdown => {
+                    if let Err(e) = leases.release(&lease).await {
+                        tracing::warn!(stream, error = %e, "could not release the lease; it lapses after the TTL");
+                    }
+                    tracing::info!(stream, "released stream lease");
+                    return Ok(());
+                }
+                Exit::Stop(e) => {
+                    let _ = leases.release(&lease).await;
+                    return Err(e);
+                }
+                Exit::LeaseLost => {
+                    tracing::warn!(
+                        stream,
+                        token = lease.token(),
+                        "lease lost; stopped publishing"
+                    );
+                }
+                Exit::Fatal(reason) => {
+                    tracing::warn!(stream, token = lease.token(), reason = %reason, "producer unusable (fenced or fatal error); stopped publishing");
+                    let _ = leases.release(&lease).await;
+                    self.pause(ttl / 4).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_pruner(
+        &self,
+        mut rx: watch::Receiver<Option<(i64, Position)>>,
+        cancel: CancellationToken,
+    ) {
+        let pruner = Pruner::new(&self.schema, self.stream, self.config.prune_batch);
+        let pool = self.pool.clone();
+        let interval = self.config.prune_interval;
+        let stream = self.stream;
+        tokio::spawn(async move {
+            let mut pruned_upto = Position::START;
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                let Some((token, upto)) = *rx.borrow_and_update() else {
+                    continue;
+                };
+                if upto <= pruned_upto {
+                    continue;
+                }
+                match pruner
+                    .prune(&pool, token, upto, PRUNE_BATCHES_PER_ROUND)
+                    .await
+                {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::debug!(stream, deleted = n, upto = %upto, "pruned outbox");
+                            metrics::counter!("txbox_relay_pruned_total", "stream" => stream.to_string()).increment(n);
+                        }
+                        if n < PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner) {
+                            pruned_upto = upto;
+                        }
+                    }
+                    Err(e) => tracing::warn!(stream, error = %e, "prune failed; retrying later"),
+                }
+            }
+        });
+    }
+}
+
+fn pruner_batch(p: &Pruner) -> u64 {
+    p.batch_size().unsigned_abs()
+}
+
+/// The state of one leadership term.
+struct Leader<'a> {
+    task: &'a StreamTask,
+    leases: &'a Leases,
+    lease: Lease,
+    publisher: Publisher,
+    position: Position,
+    cursor: Cursor,
+    dead_letters: DeadLetters,
+    backoff: Backoff,
+    prune_tx: &'a watch::Sender<Option<(i64, Position)>>,
+}
+
+impl Leader<'_> {
+    async fn publish_loop(&mut self, report: &mut StreamReport) -> Exit {
+        let stream = self.task.stream;
+        let config = &self.task.config;
+        let ttl = config.lease_ttl;
+        let idle_wait = config.poll_interval.min(ttl / 4);
+        let stream_label = stream.to_string();
+        let mut attempt: u32 = 0;
+        let mut prefetched: Option<(Position, Vec<OutboxRow>)> = None;
+        self.prune_tx
+            .send_replace(Some((self.lease.token(), self.lease.position())));
+        loop {
+            if self.task.cancel.is_cancelled() {
+                return Exit::Shutdown;
+            }
+            if self.lease.remaining() < ttl / 2 {
+                match self.leases.renew(&mut self.lease).await {
+                    Ok(true) => {}
+                    Ok(false) => return Exit::LeaseLost,
+                    Err(e) => {
+                        if self.lease.remaining().is_zero() {
+                            return Exit::LeaseLost;
+                        }
+                        attempt += 1;
+                        tracing::warn!(stream, error = %e, "lease renewal failed; retrying");
+                        self.task.pause(self.backoff.delay(attempt)).await;
+                        continue;
+                    }
+                }
+            }
+            let read_started = Instant::now();
+            let rows = match prefetched.take() {
+                Some((after, rows)) if after == self.position => rows,
+                _ => match self
+                    .cursor
+                    .read(&self.task.pool, self.position, config.batch_size)
+                    .await
+                {
+                    Ok(rows) => rows,
+                    Err(Error::Database(e)) if is_transient(&e) => {
+                        attempt += 1;
+                        tracing::warn!(stream, error = %e, "outbox read failed; retrying");
+                        self.task.pause(self.backoff.delay(attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Exit::Stop(e),
+                },
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    () = self.task.cancel.cancelled() => {}
+                    () = self.task.wake.notified() => {}
+                    () = tokio::time::sleep(idle_wait) => {}
+                }
+                continue;
+            }
+            // Publish only with at least half the TTL left.
+            if self.lease.remaining() < ttl / 2 {
+                continue;
+            }
+            let publish_started = Instant::now();
+            // A full batch suggests more rows: read the next batch while
+            // this one is in flight (used only if this one succeeds).
+            let (published, next) = if rows.len() == config.batch_size {
+                let cursor = self.cursor.clone();
+                let pool = self.task.pool.clone();
+                let after = rows
+                    .last()
+                    .map(OutboxRow::position)
+                    .unwrap_or(self.position);
+                let limit = config.batch_size;
+                let prefetch = async move { (after, cursor.read(&pool, after, limit).await) };
+                let (published, next) = tokio::join!(self.publish_guarded(&rows), prefetch);
+                (published, Some(next))
+            } else {
+                (self.publish_guarded(&rows).await, None)
+            };
+            let result = match published {
+                Ok(result) => result,
+                Err(exit) => return exit,
+            };
+            let record_started = Instant::now();
+            match result {
+                Ok(done) => {
+                    txbox::crash_point!("relay.after_kafka_commit");
+                    if let Err(exit) = self.record(done.last, done.count).await {
+                        return exit;
+                    }
+                    txbox::crash_point!("relay.after_db_position");
+                    tracing::debug!(
+                        stream,
+                        rows = done.count,
+                        read_ms = (publish_started - read_started).as_secs_f64() * 1e3,
+                        publish_ms = (record_started - publish_started).as_secs_f64() * 1e3,
+                        record_ms = record_started.elapsed().as_secs_f64() * 1e3,
+                        position = %done.last,
+                        "batch published"
+                    );
+                    attempt = 0;
+                    if let Some((after, Ok(rows))) = next {
+                        if !rows.is_empty() {
+                            prefetched = Some((after, rows));
+                        }
+                    }
+                    report.published += done.count as u64;
+                    report.batches += 1;
+                    metrics::counter!("txbox_relay_published_total", "stream" => stream_label.clone())
+                        .increment(done.count as u64);
+                    metrics::counter!("txbox_relay_batches_total", "stream" => stream_label.clone()).increment(1);
+                }
+                Err(PublishError::Retry { delivered, error }) => {
+                    if let Err(exit) = self.record_prefix(&rows, delivered, report).await {
+                        return exit;
+                    }
+                    attempt += 1;
+                    report.retries += 1;
+                    metrics::counter!("txbox_relay_retries_total", "stream" => stream_label.clone()).increment(1);
+                    tracing::warn!(stream, attempt, error = %error, after = %self.position, "publish failed; retrying from the last published row");
+                    self.task.pause(self.backoff.delay(attempt)).await;
+                }
+                Err(PublishError::Rejected {
+                    delivered,
+                    index,
+                    error,
+                }) => {
+                    if let Err(exit) = self.record_prefix(&rows, delivered, report).await {
+                        return exit;
+                    }
+                    let Some(row) = rows.get(index) else {
+                        return Exit::Fatal(format!("rejected row index {index} out of range"));
+                    };
+                    match config.on_reject {
+                        OnReject::Stop => {
+                            return Exit::Stop(Error::Rejected {
+                                stream,
+                                outbox_id: row.id,
+                                topic: row.topic.clone(),
+                                reason: error,
+                            })
+                        }
+                        OnReject::DeadLetter => match self.dead_letter(row, &error).await {
+                            Ok(()) => {
+                                report.dead_lettered += 1;
+                                metrics::counter!("txbox_relay_dead_letters_total", "stream" => stream_label.clone())
+                                    .increment(1);
+                            }
+                            Err(exit) => return exit,
+                        },
+                    }
+                }
+                Err(PublishError::Fatal(reason)) => return Exit::Fatal(reason),
+                Err(PublishError::Unsupported(detail)) => {
+                    return Exit::Stop(Error::TransactionsUnsupported {
+                        brokers: config.brokers.clone(),
+                        detail,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Publishes one batch while renewing the lease on a timer. On
+    /// shutdown the batch gets [`SHUTDOWN_GRACE`] to finish; after that
+    /// (or when the lease is lost) it is dropped, and the caller's
+    /// `close` aborts an open transaction.
+    async fn publish_guarded(
+        &mut self,
+        rows: &[OutboxRow],
+    ) -> std::result::Result<std::result::Result<crate::publisher::Published, PublishError>, Exit>
+    {
+        let ttl = self.task.config.lease_ttl;
+        let leases = self.leases;
+        let lease = &mut self.lease;
+        let cancel = &self.task.cancel;
+        let publish = self.publisher.publish(rows);
+        tokio::pin!(publish);
+        let mut renew_at = Instant::now() + ttl / 3;
+        let mut give_up_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                r = &mut publish => return Ok(r),
+                () = tokio::time::sleep_until(renew_at) => {
+                    match leases.renew(lease).await {
+                        Ok(true) => {}
+                        Ok(false) => return Err(Exit::LeaseLost),
+                        Err(e) => tracing::warn!(stream = lease.stream(), error = %e, "lease renewal failed during publish"),
+                    }
+                    if lease.remaining().is_zero() {
+                        return Err(Exit::LeaseLost);
+                    }
+                    renew_at = Instant::now() + ttl / 3;
+                }
+                () = cancel.cancelled(), if give_up_at.is_none() => {
+                    give_up_at = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+                () = async {
+                    match give_up_at {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Err(Exit::Shutdown),
+            }
+        }
+    }
+
+    /// Writes the position to `relay_streams`, retrying transient errors
+    /// while the lease lasts.
+    async fn record(&mut self, last: Position, count: usize) -> std::result::Result<(), Exit> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .leases
+                .record_position(&mut self.lease, last, count as u64)
+                .await
+            {
+                Ok(true) => {
+                    self.position = last;
+                    self.prune_tx.send_replace(Some((self.lease.token(), last)));
+                    return Ok(());
+                }
+                Ok(false) => return Err(Exit::LeaseLost),
+                Err(Error::Database(e))
+                    if is_transient(&e) && !self.lease.remaining().is_zero() =>
+                {
+                    attempt += 1;
+                    tracing::warn!(stream = self.task.stream, error = %e, "position write failed; retrying");
+                    tokio::time::sleep(self.backoff.delay(attempt)).await;
+                }
+                Err(e) => {
+                    return Err(if self.lease.remaining().is_zero() {
+                        Exit::LeaseLost
+                    } else {
+                        Exit::Stop(e)
+                    })
+                }
+            }
+        }
+    }
+
+    /// At-least-once: records the acknowledged prefix of a failed batch,
+    /// so a retry re-sends only what is not known to be out.
+    async fn record_prefix(
+        &mut self,
+        rows: &[OutboxRow],
+        delivered: usize,
+        report: &mut StreamReport,
+    ) -> std::result::Result<(), Exit> {
+        if delivered == 0 {
+            return Ok(());
+        }
+        let Some(last) = rows.get(delivered - 1).map(OutboxRow::position) else {
+            return Ok(());
+        };
+        self.record(last, delivered).await?;
+        report.published += delivered as u64;
+        metrics::counter!("txbox_relay_published_total", "stream" => self.task.stream.to_string())
+            .increment(delivered as u64);
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, row: &OutboxRow, error: &str) -> std::result::Result<(), Exit> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .dead_letters
+                .move_row(&self.task.pool, self.lease.token(), row, error)
+                .await
+            {
+                Ok(true) => {
+                    tracing::warn!(
+                        stream = self.task.stream,
+                        outbox_id = row.id,
+                        topic = %row.topic,
+                        event_id = %row.event_id,
+                        error,
+                        "Kafka rejected the row for good; moved it to relay_dead_letters"
+                    );
+                    return Ok(());
+                }
+                Ok(false) => return Err(Exit::LeaseLost),
+                Err(Error::Database(e)) if is_transient(&e) => {
+                    attempt += 1;
+                    self.task.pause(self.backoff.delay(attempt)).await;
+                    if self.task.cancel.is_cancelled() {
+                        return Err(Exit::Shutdown);
+                    }
+                }
+                Err(e) => return Err(Exit::Stop(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The cursor's order and bounds, on PostgreSQL alone.
+
+#![allow(clippy::unwrap_used)]
+
+use txbox_relay::{Cursor, Position};
+use txbox_testkit::TestDb;
+
+/// Rows come in numeric `(txid, id)` order, also across a change in the
+/// number of digits (text order would put txid 100 before 99), and the
+/// position bound is exclusive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_in_numeric_txid_then_id_order() {
+    let db = TestDb::new().await;
+    // Explicit, already-finished transaction ids (far below xmin).
+    for (txid, topic) in [
+        ("100", "c"),
+        ("99", "b"),
+        ("99", "a2"),
+        ("1000", "d"),
+        ("9", "a1"),
+    ] {
+        sqlx::query(
+            "INSERT INTO txbox.outbox (txid, topic, event_id) VALUES ($1::text::xid8, $2, gen_random_uuid())",
+        )
+        .bind(txid)
+        .bind(topic)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let cursor = Cursor::new(db.schema(), 0);
+    let rows = cursor.read(db.pool(), Position::START, 10).await.unwrap();
+    let order: Vec<(u64, &str)> = rows.iter().map(|r| (r.txid, r.topic.as_str())).collect();
+    assert_eq!(
+        order,
+        vec![(9, "a1"), (99, "b"), (99, "a2"), (100, "c"), (1000, "d")],
+        "txid numerically, then id (insertion order)"
+    );
+    let after = rows[2].position();
+    let rest = cursor.read(db.pool(), after, 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|r| r.txid).collect::<Vec<_>>(),
+        vec![100, 1000]
+    );
+    let limited = cursor.read(db.pool(), Position::START, 2).await.unwrap();
+    assert_eq!(limited.len(), 2);
+    // Other streams are not read.
+    let other = Cursor::new(db.schema(), 1);
+    assert!(other
+        .read(db.pool(), Position::START, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Rows of a transaction still running are invisible, and so are rows of
+/// transactions that started after it (they are at or above `xmin`), even
+/// once committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stops_at_the_oldest_running_transaction() {
+    let db = TestDb::new().await;
+    let outbox = txbox::Outbox::new(db.schema().clone());
+    let ev = |n: i32| txbox::OutboxEvent::new("t", n.to_string()).key("k");
+    let mut conn = db.pool().acquire().await.unwrap();
+    outbox.stage(&mut conn, ev(1)).await.unwrap();
+    let mut open = db.pool().begin().await.unwrap();
+    outbox.stage(&mut open, ev(2)).await.unwrap();
+    outbox.stage(&mut conn, ev(3)).await.unwrap(); // committed, but after the open one began
+    let cursor = Cursor::new(db.schema(), 0);
+    let payloads = |rows: Vec<txbox_relay::OutboxRow>| -> Vec<Vec<u8>> {
+        rows.into_iter().filter_map(|r| r.payload).collect()
+    };
+    let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+    assert_eq!(
+        seen,
+        vec![b"1".to_vec()],
+        "held back by the open transaction"
+    );
+    open.commit().await.unwrap();
+    let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+    assert_eq!(seen, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+}

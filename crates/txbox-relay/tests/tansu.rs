@@ -1,0 +1,446 @@
+//! The relay against a real Kafka-protocol broker over TCP (Tansu 0.6) and
+//! a real PostgreSQL, in at-least-once mode (Tansu has no transactions).
+//!
+//! What these prove: gap-safety against late commits, no publication of
+//! rolled-back rows, per-key order, lease exclusivity and takeover, reject
+//! handling, and that exactly-once mode is refused on a broker without
+//! transactions. What they cannot: read_committed visibility (see
+//! `real_kafka.rs`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use txbox::Outbox;
+use txbox_relay::{Error, Mode, OnReject};
+use txbox_testkit::{tansu, TestDb};
+
+/// A row whose transaction took a lower outbox id but commits after a
+/// higher one was published is still published (an id-based cursor would
+/// skip it for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_commit_with_lower_id_is_not_skipped() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("gap", 1).await;
+    let outbox = Outbox::new(txbox::Schema::default());
+
+    // B takes its transaction id first; A then inserts (lower row id,
+    // higher txid); B inserts and commits while A stays open.
+    let mut b = db.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    let mut a = db.pool().begin().await.unwrap();
+    let a_id = outbox
+        .stage(&mut a, event(&topic, "k-a", 0, 0))
+        .await
+        .unwrap();
+    let a_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    let b_id = outbox
+        .stage(&mut b, event(&topic, "k-b", 0, 1))
+        .await
+        .unwrap();
+    let row_id = "SELECT id FROM txbox.outbox WHERE event_id = $1";
+    let a_row: i64 = sqlx::query_scalar(row_id)
+        .bind(a_id)
+        .fetch_one(&mut *a)
+        .await
+        .unwrap();
+    let b_row: i64 = sqlx::query_scalar(row_id)
+        .bind(b_id)
+        .fetch_one(&mut *b)
+        .await
+        .unwrap();
+    b.commit().await.unwrap();
+    assert!(
+        a_row < b_row,
+        "A has the lower id ({a_row} < {b_row}) but commits last"
+    );
+
+    // While A runs it is the transaction holding the relay's xmin back.
+    let held = txbox_relay::hold_back(db.pool())
+        .await
+        .unwrap()
+        .expect("A holds xmin");
+    assert_eq!(held.pid, a_pid);
+
+    let relay = Relay::start(config(&db, broker.bootstrap(), Mode::AtLeastOnce));
+    let seen = consume(broker.bootstrap(), &topic, 1, false).await;
+    assert_eq!(
+        seen.iter().map(ce_id).collect::<Vec<_>>(),
+        vec![b_id.to_string()],
+        "B published, A not yet"
+    );
+    eventually(
+        "position recorded past A's id",
+        Duration::from_secs(10),
+        || async { relay_row(db.pool()).await.2 == b_row },
+    )
+    .await;
+
+    a.commit().await.unwrap();
+    let seen = consume(broker.bootstrap(), &topic, 2, false).await;
+    let ids: Vec<String> = seen.iter().map(ce_id).collect();
+    assert_eq!(
+        ids,
+        vec![b_id.to_string(), a_id.to_string()],
+        "A published after B, once"
+    );
+    relay.stop().await;
+}
+
+/// Staged rows of a rolled-back transaction do not exist, so they are
+/// never published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_rows_are_never_published() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("rollback", 1).await;
+    let outbox = Outbox::new(txbox::Schema::default());
+    let relay = Relay::start(config(&db, broker.bootstrap(), Mode::AtLeastOnce));
+
+    let mut tx = db.pool().begin().await.unwrap();
+    outbox
+        .stage_all(&mut tx, (0..3).map(|i| event(&topic, "k", 0, i)))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    let sentinel = outbox
+        .stage(&mut tx, event(&topic, "k", 0, 99))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    drained(db.pool(), Duration::from_secs(20)).await;
+    let seen = consume(broker.bootstrap(), &topic, 1, false).await;
+    assert_eq!(
+        seen.iter().map(ce_id).collect::<Vec<_>>(),
+        vec![sentinel.to_string()]
+    );
+    relay.stop().await;
+}
+
+/// 3,000 events over 200 keys from 4 concurrent writers, relayed while
+/// they write. Per key, Kafka's order (offset order in the key's
+/// partition) must equal the relay's `(txid, id)` order. With concurrent
+/// writers that is the order the transactions got their ids (first
+/// write), and within a transaction the staging order; each writer's own
+/// sequence per key must therefore rise too. Nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_under_concurrent_writers() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("order", 4).await;
+    let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    cfg.batch_size = 250;
+    cfg.prune_interval = Duration::from_secs(3600); // keep rows to compare
+    let relay = Relay::start(cfg);
+
+    const WRITERS: usize = 4;
+    const TXS: usize = 25;
+    const PER_TX: usize = 30;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let pool = db.pool().clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                let outbox = Outbox::new(txbox::Schema::default()).notify("txbox_outbox");
+                let mut seq = 0;
+                for t in 0..TXS {
+                    let mut tx = pool.begin().await.unwrap();
+                    let events: Vec<_> = (0..PER_TX)
+                        .map(|i| {
+                            seq += 1;
+                            let key = format!("k{}", (w * 7919 + t * 31 + i * 13) % 200);
+                            event(&topic, &key, w, seq)
+                        })
+                        .collect();
+                    outbox.stage_all(&mut tx, events).await.unwrap();
+                    tx.commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = WRITERS * TXS * PER_TX;
+    drained(db.pool(), Duration::from_secs(60)).await;
+    let staged = staged_ids(db.pool()).await;
+    assert_eq!(staged.len(), total);
+    let seen = consume(broker.bootstrap(), &topic, total, false).await;
+    let t = tally(&seen, &staged);
+    assert_eq!((t.missing, t.duplicates, t.unexpected), (0, 0, 0), "{t:?}");
+
+    // Expected per key: the (txid, id) order of the outbox.
+    let keys: Vec<(Vec<u8>, String)> = sqlx::query_as(
+        "SELECT key, event_id::text FROM txbox.outbox WHERE stream = 0 ORDER BY txid, id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let mut expected: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for (k, id) in keys {
+        expected.entry(k).or_default().push(id);
+    }
+    let actual = by_key(&seen);
+    assert_eq!(actual.len(), 200);
+    for (k, ids) in &actual {
+        assert_eq!(
+            Some(ids),
+            expected.get(k),
+            "order of key {}",
+            String::from_utf8_lossy(k)
+        );
+    }
+    // Each writer's sequence rises per key.
+    let mut last: HashMap<(u64, String), u64> = HashMap::new();
+    let mut sorted: Vec<_> = seen.iter().collect();
+    sorted.sort_by_key(|c| (c.partition, c.offset));
+    for c in sorted {
+        let p = payload_json(c);
+        let k = (
+            p["writer"].as_u64().unwrap(),
+            p["key"].as_str().unwrap().to_owned(),
+        );
+        let seq = p["seq"].as_u64().unwrap();
+        if let Some(prev) = last.insert(k.clone(), seq) {
+            assert!(prev < seq, "writer {} key {}: {seq} after {prev}", k.0, k.1);
+        }
+    }
+    relay.stop().await;
+}
+
+/// Two relay instances of one stream: one leads and publishes, the other
+/// waits. The leader dies without releasing its lease; the other takes
+/// over once the lease TTL passed and publishes the rest. Every row
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_after_lease_ttl() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("zombie", 2).await;
+    let mut a_cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    a_cfg.lease_ttl = Duration::from_secs(2);
+    a_cfg.instance = "relay-a".into();
+    let mut b_cfg = a_cfg.clone();
+    b_cfg.instance = "relay-b".into();
+
+    let a = Relay::start(a_cfg);
+    eventually("relay-a leads", Duration::from_secs(10), || async {
+        relay_row(db.pool()).await.0.as_deref() == Some("relay-a")
+    })
+    .await;
+    let b = Relay::start(b_cfg);
+    stage_many(db.pool(), &topic, 1000, 50, 100).await;
+    drained(db.pool(), Duration::from_secs(30)).await;
+    let (owner, token, _, published) = relay_row(db.pool()).await;
+    assert_eq!(
+        owner.as_deref(),
+        Some("relay-a"),
+        "the standby never took the stream"
+    );
+    assert_eq!((token, published), (1, 1000));
+
+    a.kill().await;
+    let killed = Instant::now();
+    let lease_left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM txbox.relay_streams WHERE stream = 0",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert!(lease_left > 0.0, "relay-a's lease was current when it died");
+    stage_many(db.pool(), &topic, 1000, 50, 100).await;
+    eventually("relay-b takes over", Duration::from_secs(15), || async {
+        relay_row(db.pool()).await.0.as_deref() == Some("relay-b")
+    })
+    .await;
+    let waited = killed.elapsed().as_secs_f64();
+    assert!(
+        waited >= lease_left - 0.1,
+        "took over after {waited:.2}s, before the lease ({lease_left:.2}s left) lapsed"
+    );
+    drained(db.pool(), Duration::from_secs(30)).await;
+
+    let staged = staged_ids(db.pool()).await;
+    let seen = consume(broker.bootstrap(), &topic, 2000, false).await;
+    let t = tally(&seen, &staged);
+    assert_eq!((t.distinct, t.missing, t.duplicates), (2000, 0, 0), "{t:?}");
+    let report = b.stop().await;
+    assert_eq!(
+        report.published(),
+        1000,
+        "the standby published only the second half"
+    );
+    assert_eq!(report.streams[0].leaderships, 1);
+    assert_eq!(
+        relay_row(db.pool()).await.0,
+        None,
+        "lease released on shutdown"
+    );
+}
+
+/// Exactly-once mode needs transactions; Tansu 0.6 accepts
+/// InitProducerId but has no EndTxn, so the start-up probe transaction
+/// fails and the relay refuses with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_is_refused_without_transactions() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let started = Instant::now();
+    let err = txbox_relay::run(
+        config(&db, broker.bootstrap(), Mode::ExactlyOnce),
+        txbox_relay::CancellationToken::new(),
+    )
+    .await
+    .expect_err("exactly-once must be refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::TransactionsUnsupported { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not support Kafka transactions"),
+        "{text}"
+    );
+    assert!(text.contains("--mode at-least-once"), "{text}");
+    assert!(text.contains(broker.bootstrap()), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "detected in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(relay_row(db.pool()).await.0, None, "lease released");
+
+    // The binary says the same and exits non-zero.
+    let mut child = txbox_testkit::process::Child::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_txbox-relay")),
+        &[
+            "--database-url",
+            db.url(),
+            "--brokers",
+            broker.bootstrap(),
+            "--position-topic",
+            &txbox_testkit::unique_name("positions"),
+            "--transactional-id-prefix",
+            &txbox_testkit::unique_name("txn"),
+        ],
+        &[],
+    );
+    let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits");
+    assert_eq!(code, Some(1));
+    assert!(
+        child.stderr_contains("does not support Kafka transactions"),
+        "{}",
+        child.stderr()
+    );
+}
+
+/// A row Kafka refuses for good: with `on_reject = stop` the stream stops
+/// with an error naming the row and topic; with `dead-letter` the row moves
+/// to relay_dead_letters (token-checked, one transaction) and the rest is
+/// published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_rows_stop_or_dead_letter() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("reject", 1).await;
+    let big = txbox::OutboxEvent::new(&topic, vec![b'x'; 20_000]).key("k");
+    let big_id = big.id();
+    stage(db.pool(), vec![event(&topic, "k", 0, 1)]).await;
+    stage(db.pool(), vec![big]).await;
+    stage(db.pool(), vec![event(&topic, "k", 0, 3)]).await;
+    let row_id: i64 = sqlx::query_scalar("SELECT id FROM txbox.outbox WHERE event_id = $1")
+        .bind(big_id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+
+    let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    cfg.kafka.insert("message.max.bytes".into(), "10000".into());
+    let err = txbox_relay::run(cfg.clone(), txbox_relay::CancellationToken::new())
+        .await
+        .expect_err("stops on the rejected row");
+    match &err {
+        Error::Rejected {
+            outbox_id,
+            topic: t,
+            ..
+        } => {
+            assert_eq!((*outbox_id, t.as_str()), (row_id, topic.as_str()));
+        }
+        other => panic!("expected Rejected, got {other}"),
+    }
+    assert!(
+        err.to_string().contains(&format!("outbox row {row_id}")),
+        "{err}"
+    );
+    assert_eq!(
+        unpublished(db.pool()).await,
+        2,
+        "the row and the one behind it wait"
+    );
+
+    cfg.on_reject = OnReject::DeadLetter;
+    let relay = Relay::start(cfg);
+    drained(db.pool(), Duration::from_secs(20)).await;
+    let report = relay.stop().await;
+    assert_eq!(report.dead_lettered(), 1);
+    let (dead_id, error): (i64, String) =
+        sqlx::query_as("SELECT outbox_id, error FROM txbox.relay_dead_letters")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(dead_id, row_id);
+    assert!(error.to_lowercase().contains("size"), "{error}");
+    let seen = consume(broker.bootstrap(), &topic, 2, false).await;
+    let seqs: Vec<u64> = seen
+        .iter()
+        .map(|c| payload_json(c)["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 3]);
+}
+
+/// Published rows are pruned behind the position, in small batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_pruned() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("prune", 1).await;
+    let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    cfg.prune_batch = 100;
+    cfg.prune_interval = Duration::from_millis(100);
+    stage_many(db.pool(), &topic, 1000, 10, 250).await;
+    let relay = Relay::start(cfg);
+    eventually("outbox pruned", Duration::from_secs(30), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM txbox.outbox")
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    let (_, _, _, published) = relay_row(db.pool()).await;
+    assert_eq!(published, 1000);
+    relay.stop().await;
+}
