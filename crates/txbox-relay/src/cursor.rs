@@ -88,8 +88,9 @@ pub struct OutboxRow {
     pub key: Option<Vec<u8>>,
     /// Record value (`None`: tombstone).
     pub payload: Option<Vec<u8>>,
-    /// Headers in txbox's stored form (see `txbox::Headers::from_json`).
-    pub headers: serde_json::Value,
+    /// Headers in txbox's stored form, as JSON text (see
+    /// `txbox::Headers::from_json_str`).
+    pub headers: String,
     /// The event id (also the `ce_id` header).
     pub event_id: Uuid,
 }
@@ -110,7 +111,7 @@ type RawRow = (
     String,
     Option<Vec<u8>>,
     Option<Vec<u8>>,
-    serde_json::Value,
+    String,
     Uuid,
 );
 
@@ -143,7 +144,7 @@ impl Cursor {
             sql: format!(
                 // Qualified names: an unqualified ORDER BY txid would sort
                 // by the output column txid::text ("100" < "99").
-                "SELECT o.id, o.txid::text AS txid_text, o.topic, o.key, o.payload, o.headers, o.event_id
+                "SELECT o.id, o.txid::text AS txid_text, o.topic, o.key, o.payload, o.headers::text AS headers_text, o.event_id
                    FROM {outbox} o
                   WHERE o.stream = $1
                     AND (o.txid, o.id) > ($2::text::xid8, $3)

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 /// assert_eq!(h.get("ce_type"), Some(&b"PaymentSettled"[..]));
 /// let json = h.to_json();
 /// assert_eq!(Headers::from_json(&json).unwrap(), h);
+/// assert_eq!(Headers::from_json_str(&json.to_string()).unwrap(), h);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers(Vec<(String, Option<Vec<u8>>)>);
@@ -105,7 +106,19 @@ impl Headers {
 
     /// Parses the stored `jsonb` form.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
-        let stored: Vec<StoredHeader> = serde_json::from_value(value.clone())?;
+        Self::from_stored(Vec::<StoredHeader>::deserialize(value)?)
+    }
+
+    /// Parses the stored form from its JSON text (`headers::text`), without
+    /// building an intermediate JSON value: the relay's per-row path.
+    pub fn from_json_str(text: &str) -> Result<Self, serde_json::Error> {
+        if text == "[]" {
+            return Ok(Headers::new());
+        }
+        Self::from_stored(serde_json::from_str(text)?)
+    }
+
+    fn from_stored(stored: Vec<StoredHeader>) -> Result<Self, serde_json::Error> {
         let mut out = Vec::with_capacity(stored.len());
         for h in stored {
             let value = match (h.value, h.value_base64) {

@@ -188,7 +188,7 @@ impl Publisher {
 /// headers: `ce_id` is the row's event id (the value downstream inboxes
 /// dedupe on) and `ce_specversion` is `1.0`.
 pub(crate) fn record_for(row: &OutboxRow) -> Result<FutureRecord<'_, [u8], [u8]>, String> {
-    let mut headers = txbox::Headers::from_json(&row.headers)
+    let mut headers = txbox::Headers::from_json_str(&row.headers)
         .map_err(|e| format!("headers are not in txbox's stored form: {e}"))?;
     headers.set("ce_id", row.event_id.to_string());
     headers.set("ce_specversion", "1.0");
