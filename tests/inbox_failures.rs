@@ -8,7 +8,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use txbox::db::Backoff;
-use txbox::inbox::{FailureAction, Inbox, InboxBuilder, RetryPolicy};
+use txbox::inbox::{
+    FailureAction, Handler, HandlerError, Inbox, InboxBuilder, InboxMessage, RetryPolicy, Tx,
+};
 use txbox::{Outbox, Schema};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
@@ -280,4 +282,116 @@ async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
     all.extend(second);
     let problems = Bank::check_exactly_once(db.pool(), &all).await;
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Fails its first `n` calls with a serialization failure (SQLSTATE 40001)
+/// raised by the database, then applies like the bank.
+struct Flaky {
+    bank: Bank,
+    left: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Handler for Flaky {
+    async fn handle(&self, tx: &mut Tx, msg: &InboxMessage) -> Result<(), HandlerError> {
+        use std::sync::atomic::Ordering;
+        if self.left.load(Ordering::SeqCst) > 0 {
+            self.left.fetch_sub(1, Ordering::SeqCst);
+            sqlx::query("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+                .execute(&mut **tx)
+                .await?;
+        }
+        self.bank.handle(tx, msg).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serialization_failures_are_retried_without_using_up_attempts() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("flaky", 1).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(30, 3);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+
+    // One attempt only: a 40001 counted as an attempt would dead-letter.
+    let h = run(Inbox::builder(db.pool().clone())
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .handler(
+            &topic,
+            Flaky {
+                bank: Bank::new(Outbox::new(Schema::default())),
+                left: std::sync::atomic::AtomicU32::new(5),
+            },
+        )
+        .batch_size(4)
+        .retry(fast_retry(1)));
+    assert!(wait_offset(&db, &group, 30, Duration::from_secs(60)).await);
+    stop(h).await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "40001 is transient: retried, never dead-lettered");
+    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_event_ids_are_pruned_and_recent_ones_kept() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("prune", 1).await;
+    let group = unique_name("bank");
+    // 2,500 ids processed two days ago (more than two prune batches), 10 an
+    // hour ago.
+    sqlx::query(
+        "INSERT INTO txbox.inbox_processed (consumer_group, event_id, topic, partition, \"offset\", processed_at)
+         SELECT $1, 'old-' || g, 'x', 0, g, now() - interval '2 days' FROM generate_series(1, 2500) g
+         UNION ALL
+         SELECT $1, 'recent-' || g, 'x', 0, g, now() - interval '1 hour' FROM generate_series(1, 10) g",
+    )
+    .bind(&group)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let deposits = Bank::deposits(20, 2);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+    let h = run(Inbox::builder(db.pool().clone())
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+        .dedupe_retention(Duration::from_secs(24 * 3600))
+        .prune_interval(Duration::from_millis(200)));
+    assert!(wait_offset(&db, &group, 20, Duration::from_secs(60)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let old: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM txbox.inbox_processed WHERE event_id LIKE 'old-%'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if old == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{old} expired ids left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(h).await;
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_processed WHERE consumer_group = $1")
+            .bind(&group)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(kept, 10 + 20, "recent and new ids are kept");
 }

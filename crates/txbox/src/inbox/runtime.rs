@@ -314,6 +314,13 @@ impl InboxBuilder {
         self
     }
 
+    /// How often expired event ids are pruned (default every 60 s). Each
+    /// pass deletes in batches of 1,000, each its own short transaction.
+    pub fn prune_interval(mut self, d: Duration) -> Self {
+        self.opts.prune_interval = d;
+        self
+    }
+
     /// Messages buffered per partition before it is paused (default 10,000).
     pub fn max_buffered(mut self, n: usize) -> Self {
         self.opts.max_buffered = n.max(2);
