@@ -216,3 +216,64 @@ async fn bad_configuration_is_a_typed_error() {
     let err = inbox.run(async {}).await.unwrap_err();
     assert!(matches!(err, txbox::Error::SchemaNotReady { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn positions_can_be_mirrored_to_kafka_for_lag_tools() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("mirror", 2).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(100, 5);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+
+    let inbox = start(
+        bank_inbox(&db, broker.bootstrap(), &group, &topic)
+            .mirror_offsets_to_kafka(Duration::from_millis(100)),
+    );
+    assert!(Bank::wait_processed(db.pool(), &group, 100, Duration::from_secs(60)).await);
+    let in_postgres: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM txbox.inbox_offsets WHERE consumer_group = $1 ORDER BY partition",
+    )
+    .bind(&group)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+
+    // Read the group's committed offsets as a lag tool would.
+    let (bootstrap, t, g) = (broker.bootstrap().to_owned(), topic.clone(), group.clone());
+    let in_kafka = tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &g)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&t, 0);
+        tpl.add_partition(&t, 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let c = reader
+                .committed_offsets(tpl.clone(), Duration::from_secs(5))
+                .unwrap();
+            let got: Vec<(i32, i64)> = c
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+                .collect();
+            if got.iter().map(|p| p.1).sum::<i64>() >= 100 || std::time::Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    inbox.stop().await;
+    assert_eq!(
+        in_kafka, in_postgres,
+        "Kafka's committed offsets mirror Postgres"
+    );
+}

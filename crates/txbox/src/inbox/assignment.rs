@@ -8,7 +8,7 @@
 //! commit checks the epoch under the row lock and rolls back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +33,11 @@ pub(crate) struct Slot {
     pub depth: Arc<AtomicUsize>,
     pub cancel: CancellationToken,
     pub paused: bool,
+    /// The partition's committed next offset (-1 before the first commit),
+    /// published by the worker for the informational mirror to Kafka.
+    pub committed: Arc<AtomicI64>,
+    /// The value last mirrored to Kafka.
+    pub mirrored: i64,
 }
 
 pub(crate) type Key = (Arc<str>, i32);
@@ -55,6 +60,16 @@ impl std::fmt::Debug for InboxContext {
 impl ClientContext for InboxContext {}
 
 impl ConsumerContext for InboxContext {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        // Only the informational mirror commits to Kafka.
+        match result {
+            Ok(()) => tracing::debug!(partitions = offsets.count(), "offsets mirrored to Kafka"),
+            Err(e) => {
+                tracing::warn!(error = %e, "mirroring offsets to Kafka failed (informational only)")
+            }
+        }
+    }
+
     fn rebalance(
         &self,
         base: &BaseConsumer<Self>,
@@ -217,6 +232,7 @@ impl InboxContext {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let depth = Arc::new(AtomicUsize::new(0));
+        let committed = Arc::new(AtomicI64::new(-1));
         let cancel = self.shutdown.child_token();
         let worker = PartitionWorker {
             shared: self.shared.clone(),
@@ -225,6 +241,7 @@ impl InboxContext {
             rx,
             depth: depth.clone(),
             cancel: cancel.clone(),
+            committed: committed.clone(),
         };
         let old = self.slots().insert(
             key,
@@ -233,6 +250,8 @@ impl InboxContext {
                 depth,
                 cancel,
                 paused: false,
+                committed,
+                mirrored: -1,
             },
         );
         if let Some(old) = old {
@@ -284,6 +303,20 @@ impl InboxContext {
             return Some(key);
         }
         None
+    }
+
+    /// Positions committed in Postgres since the last call, for the
+    /// informational mirror to Kafka.
+    pub(crate) fn unmirrored(&self) -> Vec<(Key, i64)> {
+        let mut out = Vec::new();
+        for (key, slot) in self.slots().iter_mut() {
+            let committed = slot.committed.load(Ordering::Relaxed);
+            if committed >= 0 && committed != slot.mirrored {
+                slot.mirrored = committed;
+                out.push((key.clone(), committed));
+            }
+        }
+        out
     }
 
     /// Partitions paused for backpressure whose queue has drained.

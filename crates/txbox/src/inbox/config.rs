@@ -80,6 +80,7 @@ pub(crate) struct Options {
     pub prune_interval: Duration,
     pub prune_batch: i64,
     pub max_buffered: usize,
+    pub mirror_offsets: Option<Duration>,
 }
 
 impl Default for Options {
@@ -94,6 +95,7 @@ impl Default for Options {
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,
             max_buffered: 10_000,
+            mirror_offsets: None,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! failures, retries, dead-letters.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +44,7 @@ pub(crate) struct PartitionWorker {
     pub rx: mpsc::UnboundedReceiver<InboxMessage>,
     pub depth: Arc<AtomicUsize>,
     pub cancel: CancellationToken,
+    pub committed: Arc<AtomicI64>,
 }
 
 impl PartitionWorker {
@@ -73,6 +74,12 @@ impl PartitionWorker {
             }
         }
         stop
+    }
+
+    /// Records that Postgres now holds `next` as the partition's position.
+    fn advance_to(&mut self, next: i64) {
+        self.pos.next_offset = next;
+        self.committed.store(next, Ordering::Relaxed);
     }
 
     fn ctx(&self) -> Ctx<'_> {
@@ -166,7 +173,7 @@ impl PartitionWorker {
                     applied,
                     duplicates,
                 } => {
-                    self.pos.next_offset = last + 1;
+                    self.advance_to(last + 1);
                     metrics::counter!("txbox_inbox_messages_total", "outcome" => "applied")
                         .increment(applied as u64);
                     if duplicates > 0 {
@@ -179,7 +186,7 @@ impl PartitionWorker {
                 Attempt::Resync { next_offset } => {
                     tracing::info!(topic = %self.pos.topic, partition = self.pos.partition,
                         from = self.pos.next_offset, to = next_offset, "resynced offset from database");
-                    self.pos.next_offset = next_offset;
+                    self.advance_to(next_offset);
                 }
                 Attempt::Fenced => return Err(Stop::Fenced),
                 Attempt::HandlerFailed { error, .. } if error.is_transient_db() => {
@@ -265,7 +272,7 @@ impl PartitionWorker {
             }
             match commit::dead_letter(self.ctx(), &self.pos, failure).await {
                 Attempt::Committed { .. } => {
-                    self.pos.next_offset = offset + 1;
+                    self.advance_to(offset + 1);
                     metrics::counter!("txbox_inbox_messages_total", "outcome" => "dead_lettered")
                         .increment(1);
                     tracing::error!(topic = %failure.message.topic, partition = failure.message.partition,
@@ -273,7 +280,7 @@ impl PartitionWorker {
                         error = %failure.error, "message dead-lettered");
                     return Ok(());
                 }
-                Attempt::Resync { next_offset } => self.pos.next_offset = next_offset,
+                Attempt::Resync { next_offset } => self.advance_to(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
                 Attempt::Db(e) => {
                     db_failures += 1;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -142,6 +142,7 @@ impl Inbox {
 
         let pruner = tokio::spawn(super::prune::run(self.shared.clone(), stop.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut last_mirror = tokio::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -150,6 +151,12 @@ impl Inbox {
                 _ = tick.tick() => {
                     for (topic, partition) in consumer.context().drained() {
                         set_paused(&consumer, &topic, partition, false);
+                    }
+                    if let Some(every) = self.shared.opts.mirror_offsets {
+                        if last_mirror.elapsed() >= every {
+                            last_mirror = tokio::time::Instant::now();
+                            mirror_offsets(&consumer);
+                        }
                     }
                 }
                 msg = consumer.recv() => match msg {
@@ -209,6 +216,25 @@ impl Inbox {
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
             event_id,
         }
+    }
+}
+
+/// Commits the positions Postgres holds to Kafka, asynchronously, for lag
+/// tools. Informational only: the inbox never reads them back.
+fn mirror_offsets(consumer: &StreamConsumer<InboxContext>) {
+    let positions = consumer.context().unmirrored();
+    if positions.is_empty() {
+        return;
+    }
+    tracing::debug!(?positions, "mirroring positions to Kafka");
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in positions {
+        if let Err(e) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next)) {
+            tracing::debug!(error = %e, "cannot mirror offset");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "mirroring offsets to Kafka failed (informational only)");
     }
 }
 
@@ -318,6 +344,18 @@ impl InboxBuilder {
     /// pass deletes in batches of 1,000, each its own short transaction.
     pub fn prune_interval(mut self, d: Duration) -> Self {
         self.opts.prune_interval = d;
+        self
+    }
+
+    /// Also commits the positions stored in Postgres to Kafka every
+    /// `every`, asynchronously, so standard lag tools (`kafka-consumer-groups`,
+    /// Burrow, exporters) see the group's progress (default: off).
+    ///
+    /// Informational only: the inbox never reads offsets from Kafka (it
+    /// assigns at the offsets in Postgres), and the mirror may lag behind
+    /// Postgres by up to `every`, or by more while Kafka is unreachable.
+    pub fn mirror_offsets_to_kafka(mut self, every: Duration) -> Self {
+        self.opts.mirror_offsets = Some(every);
         self
     }
 
