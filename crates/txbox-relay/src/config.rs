@@ -170,7 +170,7 @@ impl Default for RelayConfig {
             mode: Mode::ExactlyOnce,
             batch_size: 1000,
             poll_interval: Duration::from_millis(200),
-            notify_channel: "txbox_outbox".to_owned(),
+            notify_channel: txbox::outbox::DEFAULT_NOTIFY_CHANNEL.to_owned(),
             lease_ttl: Duration::from_secs(10),
             instance: default_instance(),
             transactional_id_prefix: "txbox-relay".to_owned(),

@@ -157,7 +157,8 @@ async fn per_key_order_under_concurrent_writers() {
             let pool = db.pool().clone();
             let topic = topic.clone();
             tokio::spawn(async move {
-                let outbox = Outbox::new(txbox::Schema::default()).notify("txbox_outbox");
+                let outbox = Outbox::new(txbox::Schema::default())
+                    .notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL);
                 let mut seq = 0;
                 for t in 0..TXS {
                     let mut tx = pool.begin().await.unwrap();

@@ -45,6 +45,32 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when retrying the same operation may succeed: a transient
+    /// database error (see [`db::is_transient`](crate::db::is_transient)) or
+    /// a retriable Kafka error.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Database(e) => crate::db::is_transient(e),
+            Error::Kafka(e) => e.rdkafka_error_code().is_some_and(|c| {
+                use rdkafka::types::RDKafkaErrorCode as C;
+                matches!(
+                    c,
+                    C::BrokerTransportFailure
+                        | C::AllBrokersDown
+                        | C::RequestTimedOut
+                        | C::NetworkException
+                        | C::NotCoordinator
+                        | C::CoordinatorNotAvailable
+                        | C::CoordinatorLoadInProgress
+                        | C::LeaderNotAvailable
+                        | C::NotLeaderForPartition
+                        | C::OperationTimedOut
+                )
+            }),
+            _ => false,
+        }
+    }
+
     pub(crate) fn config(msg: impl Into<Cow<'static, str>>) -> Self {
         Error::Config(msg.into())
     }

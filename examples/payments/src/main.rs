@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
         .handler(
             REQUESTED,
             Payments {
-                outbox: Outbox::new(schema.clone()).notify("txbox_outbox"),
+                outbox: Outbox::new(schema.clone()).notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL),
             },
         )
         .build()?;

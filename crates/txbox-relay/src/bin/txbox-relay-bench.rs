@@ -320,7 +320,8 @@ async fn latency(args: &Args, pool: &PgPool, topic: &str) -> anyhow::Result<()> 
     // Let the consumer's assignment settle before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let outbox = txbox::Outbox::new(txbox::Schema::default()).notify("txbox_outbox");
+    let outbox =
+        txbox::Outbox::new(txbox::Schema::default()).notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL);
     let per_tx = 10usize;
     let interval = Duration::from_secs_f64(per_tx as f64 / args.rate.max(1) as f64);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);

@@ -71,7 +71,8 @@ pub fn event(topic: &str, key: &str, writer: usize, seq: usize) -> OutboxEvent {
 
 /// Stages `events` in one committed transaction.
 pub async fn stage(pool: &PgPool, events: Vec<OutboxEvent>) {
-    let outbox = Outbox::new(txbox::Schema::default()).notify("txbox_outbox");
+    let outbox =
+        Outbox::new(txbox::Schema::default()).notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL);
     let mut tx = pool.begin().await.unwrap();
     outbox.stage_all(&mut tx, events).await.unwrap();
     tx.commit().await.unwrap();

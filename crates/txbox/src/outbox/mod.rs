@@ -16,6 +16,9 @@ mod stage;
 pub use event::OutboxEvent;
 pub use stage::Outbox;
 
+/// The NOTIFY channel the relay listens on unless configured otherwise.
+pub const DEFAULT_NOTIFY_CHANNEL: &str = "txbox_outbox";
+
 /// The stream (relay shard) a key belongs to with `streams` streams.
 ///
 /// Stable across processes and releases (FNV-1a), so every writer puts a key

@@ -72,7 +72,9 @@ impl Outbox {
 
     /// Sends `pg_notify(channel, stream)` in the staging transaction, a
     /// wake-up hint for the relay (delivered only on commit). Never needed
-    /// for correctness: the relay also polls.
+    /// for correctness: the relay also polls. The relay listens on
+    /// [`DEFAULT_NOTIFY_CHANNEL`](super::DEFAULT_NOTIFY_CHANNEL) unless told
+    /// otherwise.
     pub fn notify(mut self, channel: impl Into<String>) -> Self {
         self.notify_channel = Some(channel.into());
         self
