@@ -120,20 +120,7 @@ async fn try_apply(
     }
     crate::crash_point!("inbox.after_business_write");
 
-    let advanced = sqlx::query(&ctx.sql.advance)
-        .bind(last.offset + 1)
-        .bind(ctx.group)
-        .bind(&*pos.topic)
-        .bind(pos.partition)
-        .bind(pos.epoch)
-        .bind(pos.next_offset)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if advanced == 0 {
-        let attempt = reconcile(&mut tx, ctx, pos).await?;
-        return Err(attempt);
-    }
+    fenced_advance(&mut tx, ctx, pos, last.offset + 1).await?;
     tx.commit().await?;
     crate::crash_point!("inbox.after_commit");
     Ok(Attempt::Committed {
@@ -166,6 +153,31 @@ async fn run_handler(
                 .map_err(|e| (e.index.and_then(|j| run.get(j).copied()), e.error))
         }
     }
+}
+
+/// Advances the partition to `next` if this consumer's epoch and expected
+/// offset still hold (the fence). Otherwise says why, as the attempt's
+/// outcome: fenced, or our offset is stale.
+async fn fenced_advance(
+    tx: &mut Tx,
+    ctx: Ctx<'_>,
+    pos: &Position,
+    next: i64,
+) -> Result<(), Attempt> {
+    let advanced = sqlx::query(&ctx.sql.advance)
+        .bind(next)
+        .bind(ctx.group)
+        .bind(&*pos.topic)
+        .bind(pos.partition)
+        .bind(pos.epoch)
+        .bind(pos.next_offset)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    if advanced == 0 {
+        return Err(reconcile(tx, ctx, pos).await?);
+    }
+    Ok(())
 }
 
 /// The fenced update matched no row: fenced, or our offset is stale.
@@ -229,19 +241,7 @@ async fn try_dead_letter(
         .bind(Utc::now())
         .execute(&mut *tx)
         .await?;
-    let advanced = sqlx::query(&ctx.sql.advance)
-        .bind(m.offset + 1)
-        .bind(ctx.group)
-        .bind(&*pos.topic)
-        .bind(pos.partition)
-        .bind(pos.epoch)
-        .bind(pos.next_offset)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if advanced == 0 {
-        return Err(reconcile(&mut tx, ctx, pos).await?);
-    }
+    fenced_advance(&mut tx, ctx, pos, m.offset + 1).await?;
     tx.commit().await?;
     Ok(Attempt::Committed {
         applied: 0,
