@@ -14,6 +14,7 @@ use crate::Shape;
 pub(crate) struct BenchDb {
     pub name: String,
     pub pool: PgPool,
+    pub options: sqlx::postgres::PgConnectOptions,
     admin_url: String,
 }
 
@@ -54,9 +55,11 @@ impl BenchDb {
         )
         .execute(&pool)
         .await?;
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
         Ok(BenchDb {
             name,
             pool,
+            options,
             admin_url: admin_url.to_owned(),
         })
     }

@@ -13,6 +13,9 @@
 //!    fenced offset advance), so the ratio is the runtime's own overhead;
 //!    and *pg-ceiling*, the reference SQL of `shared/bench/pg-ceiling`
 //!    (smaller rows, fewer indexes), so the ratio includes the schema's cost;
+//!    and, when `pgbench` is installed, that same reference SQL run by
+//!    pgbench as `shared/bench/pg-ceiling` does (simple protocol: each
+//!    statement parsed per execution, hence lower than the sqlx loop);
 //! 2. the inbox: a topic pre-filled with N messages, consumed by a txbox
 //!    inbox whose batch handler does the same business update and stages the
 //!    same outbox rows;
@@ -24,6 +27,7 @@
 
 mod ceiling;
 mod inbox;
+mod pgbench;
 
 use clap::{Parser, Subcommand};
 
@@ -79,9 +83,17 @@ async fn main() -> anyhow::Result<()> {
                 "txbox-bench inbox: database {}, broker {}",
                 db.name, opt.bootstrap
             );
+            let pgbench = pgbench::find();
             println!(
-                "{:<28} {:>11} {:>13} {:>7} {:>13} {:>7}",
-                "scenario", "inbox msg/s", "txbox SQL", "ratio", "pg-ceiling", "ratio"
+                "{:<28} {:>11} {:>10} {:>6} {:>11} {:>6} {:>10} {:>6}",
+                "scenario",
+                "inbox msg/s",
+                "txbox SQL",
+                "ratio",
+                "ref. (sqlx)",
+                "ratio",
+                "pgbench",
+                "ratio"
             );
             let scenarios = [
                 (
@@ -113,11 +125,16 @@ async fn main() -> anyhow::Result<()> {
                 let dur = std::time::Duration::from_secs(seconds);
                 let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur).await?;
                 let reference = ceiling::run(&db, ceiling::Sql::Reference, shape, dur).await?;
+                let pg = match &pgbench {
+                    Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
+                    None => f64::NAN,
+                };
                 let inbox = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
                 println!(
-                    "{name:<28} {inbox:>11.0} {same:>13.0} {:>7.2} {reference:>13.0} {:>7.2}",
+                    "{name:<28} {inbox:>11.0} {same:>10.0} {:>6.2} {reference:>11.0} {:>6.2} {pg:>10.0} {:>6.2}",
                     inbox / same,
-                    inbox / reference
+                    inbox / reference,
+                    inbox / pg
                 );
             }
             db.drop_db().await?;

@@ -70,13 +70,30 @@ async fn stops_at_the_oldest_running_transaction() {
     let payloads = |rows: Vec<txbox_relay::OutboxRow>| -> Vec<Vec<u8>> {
         rows.into_iter().filter_map(|r| r.payload).collect()
     };
-    let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+    // xmin is cluster-wide: transactions of tests running in parallel (in
+    // other databases) can hold row 1 back for a moment too. Wait for it;
+    // rows 2 and 3 must stay invisible while `open` is open.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seen = loop {
+        let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+        if !seen.is_empty() || tokio::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(
         seen,
         vec![b"1".to_vec()],
         "held back by the open transaction"
     );
     open.commit().await.unwrap();
-    let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seen = loop {
+        let seen = payloads(cursor.read(db.pool(), Position::START, 10).await.unwrap());
+        if seen.len() >= 3 || tokio::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(seen, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
 }

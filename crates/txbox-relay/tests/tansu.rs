@@ -67,12 +67,20 @@ async fn late_commit_with_lower_id_is_not_skipped() {
         "A has the lower id ({a_row} < {b_row}) but commits last"
     );
 
-    // While A runs it is the transaction holding the relay's xmin back.
-    let held = txbox_relay::hold_back(db.pool())
-        .await
-        .unwrap()
-        .expect("A holds xmin");
-    assert_eq!(held.pid, a_pid);
+    // While A runs it is the transaction holding the relay's xmin back
+    // (xmin is cluster-wide: a parallel test's older transaction may hold it
+    // for a moment first).
+    eventually(
+        "A named as holding xmin back",
+        Duration::from_secs(30),
+        || async {
+            txbox_relay::hold_back(db.pool())
+                .await
+                .unwrap()
+                .is_some_and(|held| held.pid == a_pid)
+        },
+    )
+    .await;
 
     let relay = Relay::start(config(&db, broker.bootstrap(), Mode::AtLeastOnce));
     let seen = consume(broker.bootstrap(), &topic, 1, false).await;
