@@ -43,16 +43,27 @@ impl BatchHandler for Settle {
     }
 }
 
-/// Fills a fresh topic with `n` messages, consumes it; returns messages/s.
+/// What one inbox run measured.
+pub(crate) struct InboxRun {
+    /// The inbox, messages/s.
+    pub inbox: f64,
+    /// A plain consumer reading the same topic with no database work,
+    /// messages/s: how fast the broker delivers it at all.
+    pub consume_only: f64,
+}
+
+/// Fills a fresh topic with `n` messages, reads it once with a plain
+/// consumer, then consumes it with the inbox.
 pub(crate) async fn run(
     db: &BenchDb,
     bootstrap: &str,
     shape: Shape,
     n: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<InboxRun> {
     let broker = txbox_testkit::Broker::at(bootstrap);
     let topic = broker.topic("bench-in", shape.partitions as i32).await;
     fill(bootstrap, &topic, n, shape.partitions).await?;
+    let consume_only = consume_only(bootstrap, &topic, n).await?;
     let group = txbox_testkit::unique_name("bench");
 
     let stop = CancellationToken::new();
@@ -94,7 +105,42 @@ pub(crate) async fn run(
     let elapsed = started.0.elapsed();
     stop.cancel();
     task.await??;
-    Ok((n as i64 - started.1) as f64 / elapsed.as_secs_f64())
+    Ok(InboxRun {
+        inbox: (n as i64 - started.1) as f64 / elapsed.as_secs_f64(),
+        consume_only,
+    })
+}
+
+/// Reads all `n` messages of `topic` with a plain consumer (no group, no
+/// database); returns messages/s from assignment to the last message.
+async fn consume_only(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", txbox_testkit::unique_name("bench-read"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in meta.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), rdkafka::Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let started = Instant::now();
+        let mut seen = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while seen < n && Instant::now() < deadline {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                seen += 1;
+            }
+        }
+        Ok(seen as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
 }
 
 async fn fill(bootstrap: &str, topic: &str, n: usize, partitions: usize) -> anyhow::Result<()> {

@@ -20,7 +20,9 @@
 //!    inbox whose batch handler does the same business update and stages the
 //!    same outbox rows;
 //!
-//! and prints messages/s for both and their ratio.
+//! and prints messages/s for each, the ratios, and *consume-only*: a plain
+//! consumer reading the same topic with no database work, the most any
+//! consumer can get from the broker for that topic.
 //!
 //! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
 //! `TXBOX_KAFKA_BOOTSTRAP` (a broker; `scripts/dev-up` starts Tansu).
@@ -85,15 +87,16 @@ async fn main() -> anyhow::Result<()> {
             );
             let pgbench = pgbench::find();
             println!(
-                "{:<28} {:>11} {:>10} {:>6} {:>11} {:>6} {:>10} {:>6}",
+                "{:<26} {:>9} {:>10} {:>6} {:>11} {:>6} {:>9} {:>6} {:>12}",
                 "scenario",
-                "inbox msg/s",
+                "inbox",
                 "txbox SQL",
                 "ratio",
                 "ref. (sqlx)",
                 "ratio",
                 "pgbench",
-                "ratio"
+                "ratio",
+                "consume-only"
             );
             let scenarios = [
                 (
@@ -129,12 +132,14 @@ async fn main() -> anyhow::Result<()> {
                     Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
                     None => f64::NAN,
                 };
-                let inbox = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
+                let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
+                let inbox = run.inbox;
                 println!(
-                    "{name:<28} {inbox:>11.0} {same:>10.0} {:>6.2} {reference:>11.0} {:>6.2} {pg:>10.0} {:>6.2}",
+                    "{name:<26} {inbox:>9.0} {same:>10.0} {:>6.2} {reference:>11.0} {:>6.2} {pg:>9.0} {:>6.2} {:>12.0}",
                     inbox / same,
                     inbox / reference,
-                    inbox / pg
+                    inbox / pg,
+                    run.consume_only
                 );
             }
             db.drop_db().await?;
