@@ -395,3 +395,62 @@ async fn expired_event_ids_are_pruned_and_recent_ones_kept() {
             .unwrap();
     assert_eq!(kept, 10 + 20, "recent and new ids are kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
+    // What a Postgres restart does to a client: every session is terminated
+    // by the server (SQLSTATE 57P01), open transactions roll back. The shared
+    // test server cannot be stopped under parallel tests, so this test kills
+    // every session of its own database, repeatedly, while the inbox works.
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("killed", 2).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(1200, 9);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(db.url())
+        .await
+        .unwrap();
+    let h = run(Inbox::builder(pool)
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+        .batch_size(2)
+        .retry(fast_retry(2)));
+    let mut kills = 0;
+    while next_offset(&db, &group).await < 1200 && kills < 20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name <> 'txbox-test-observer') k",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or(0);
+        if killed > 0 {
+            kills += 1;
+        }
+    }
+    assert!(
+        kills >= 3,
+        "sessions were killed mid-stream ({kills} times)"
+    );
+    assert!(
+        wait_offset(&db, &group, 1200, Duration::from_secs(60)).await,
+        "resumed after every kill"
+    );
+    stop(h).await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "a killed session is not a poison message");
+    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
