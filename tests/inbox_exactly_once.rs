@@ -215,6 +215,28 @@ async fn bad_configuration_is_a_typed_error() {
         .unwrap();
     let err = inbox.run(async {}).await.unwrap_err();
     assert!(matches!(err, txbox::Error::SchemaNotReady { .. }), "{err}");
+
+    // Unreachable brokers: a Kafka error at start, not an endless wait.
+    let unreachable = Inbox::builder(db.pool().clone())
+        .brokers("127.0.0.1:1")
+        .group_id("g")
+        .handler("t", bank())
+        .build()
+        .unwrap();
+    let err = unreachable.run(async {}).await.unwrap_err();
+    assert!(matches!(err, txbox::Error::Kafka(_)), "{err}");
+
+    // A topic that does not exist: a configuration error naming it.
+    let broker = tansu().await;
+    let missing = Inbox::builder(db.pool().clone())
+        .brokers(broker.bootstrap())
+        .group_id("g")
+        .handler("no-such-topic-anywhere", bank())
+        .build()
+        .unwrap();
+    let err = missing.run(async {}).await.unwrap_err();
+    assert!(matches!(err, txbox::Error::Config(_)), "{err}");
+    assert!(err.to_string().contains("no-such-topic-anywhere"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -110,9 +110,10 @@ impl Inbox {
     /// Consumes until `shutdown` completes, then finishes in-flight
     /// transactions (or lets them roll back) and leaves the group.
     ///
-    /// Fails at once if the schema is not migrated, or the Kafka client
-    /// cannot be created. Afterwards, broker and database outages are
-    /// waited out: nothing advances while the database is down.
+    /// Fails at once, with a typed error, if the schema is not migrated, the
+    /// brokers cannot be reached within 10 s, or a subscribed topic does not
+    /// exist. Afterwards, broker and database outages are waited out:
+    /// nothing advances while the database is down.
     ///
     /// Requires Tokio's multi-threaded runtime: partition claims run on the
     /// polling thread during rebalances (`block_in_place`).
@@ -137,12 +138,15 @@ impl Inbox {
         };
         let consumer: StreamConsumer<InboxContext> = self.kafka.create_with_context(ctx)?;
         let topics: Vec<&str> = self.shared.routes.keys().map(String::as_str).collect();
+        check_topics(&consumer, &topics)?;
         consumer.subscribe(&topics)?;
         tracing::info!(group = %self.shared.group, ?topics, owner = %self.shared.owner, "inbox started");
 
         let pruner = tokio::spawn(super::prune::run(self.shared.clone(), stop.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_mirror = tokio::time::Instant::now();
+        let mut last_error: Option<(String, tokio::time::Instant)> = None;
+        let mut suppressed = 0u64;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -167,7 +171,16 @@ impl Inbox {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "kafka consumer error");
+                        // Repeated errors (a missing topic, a broker down)
+                        // are logged once every 10 s, counted meanwhile.
+                        let text = e.to_string();
+                        if last_error.as_ref().is_none_or(|(t, at)| *t != text || at.elapsed() >= Duration::from_secs(10)) {
+                            tracing::warn!(error = %text, repeats = suppressed, "kafka consumer error");
+                            last_error = Some((text, tokio::time::Instant::now()));
+                            suppressed = 0;
+                        } else {
+                            suppressed += 1;
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
@@ -216,6 +229,30 @@ impl Inbox {
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
             event_id,
         }
+    }
+}
+
+/// Fails at start, with a clear error, when the brokers cannot be reached or
+/// a subscribed topic does not exist (txbox never creates topics).
+fn check_topics(consumer: &StreamConsumer<InboxContext>, topics: &[&str]) -> Result<()> {
+    let metadata =
+        tokio::task::block_in_place(|| consumer.fetch_metadata(None, Duration::from_secs(10)))?;
+    let missing: Vec<&str> = topics
+        .iter()
+        .copied()
+        .filter(|t| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|m| m.name() == *t && m.error().is_none())
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "inbox: topics {missing:?} do not exist on the brokers; create them first"
+        )))
     }
 }
 
