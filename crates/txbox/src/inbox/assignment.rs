@@ -216,6 +216,7 @@ impl InboxContext {
             .bind(&s.owner)
             .fetch_one(&s.pool)
             .await?;
+        warn_if_past_log_end(base, topic, partition, next_offset);
         Ok(Position {
             topic: Arc::from(topic),
             partition,
@@ -330,6 +331,30 @@ impl InboxContext {
             }
         }
         out
+    }
+}
+
+/// A stored position past the end of the log means the topic was deleted
+/// and recreated (or truncated): messages below the position in the new log
+/// would be skipped as already consumed. Says so loudly; the operator
+/// decides (`UPDATE ... inbox_offsets SET next_offset = 0` for the new log).
+fn warn_if_past_log_end(
+    base: &BaseConsumer<InboxContext>,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+) {
+    match base.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+        Ok((_, high)) if high < next_offset => tracing::error!(
+            topic,
+            partition,
+            next_offset,
+            log_end = high,
+            "stored position is past the end of the log: was the topic recreated? \
+             messages below the position will be treated as consumed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(topic, partition, error = %e, "cannot read the log end"),
     }
 }
 
