@@ -193,6 +193,11 @@ impl InboxContext {
         partition: i32,
     ) -> crate::Result<Position> {
         let s = &self.shared;
+        // Read once: the start position of a new partition (`Latest`) and
+        // the check that a stored position is within the log.
+        let log_end = base
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map(|(_, high)| high);
         let initial = match s.opts.start_from {
             StartFrom::Earliest => 0,
             StartFrom::Latest => {
@@ -204,7 +209,7 @@ impl InboxContext {
                     .await?;
                 match existing {
                     Some((_, next)) => next,
-                    None => high_watermark(base, topic, partition)?,
+                    None => log_end.clone()?,
                 }
             }
         };
@@ -216,7 +221,7 @@ impl InboxContext {
             .bind(&s.owner)
             .fetch_one(&s.pool)
             .await?;
-        warn_if_past_log_end(base, topic, partition, next_offset);
+        warn_if_past_log_end(&log_end, topic, partition, next_offset);
         Ok(Position {
             topic: Arc::from(topic),
             partition,
@@ -338,14 +343,9 @@ impl InboxContext {
 /// and recreated (or truncated): messages below the position in the new log
 /// would be skipped as already consumed. Says so loudly; the operator
 /// decides (`UPDATE ... inbox_offsets SET next_offset = 0` for the new log).
-fn warn_if_past_log_end(
-    base: &BaseConsumer<InboxContext>,
-    topic: &str,
-    partition: i32,
-    next_offset: i64,
-) {
-    match base.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
-        Ok((_, high)) if high < next_offset => tracing::error!(
+fn warn_if_past_log_end(log_end: &KafkaResult<i64>, topic: &str, partition: i32, next_offset: i64) {
+    match log_end {
+        Ok(high) if *high < next_offset => tracing::error!(
             topic,
             partition,
             next_offset,
@@ -356,13 +356,4 @@ fn warn_if_past_log_end(
         Ok(_) => {}
         Err(e) => tracing::debug!(topic, partition, error = %e, "cannot read the log end"),
     }
-}
-
-fn high_watermark(
-    base: &BaseConsumer<InboxContext>,
-    topic: &str,
-    partition: i32,
-) -> KafkaResult<i64> {
-    let (_low, high) = base.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-    Ok(high)
 }

@@ -31,7 +31,7 @@ pub(crate) struct Shared {
     pub sql: Statements,
     pub group: String,
     pub owner: String,
-    pub routes: HashMap<String, Route>,
+    pub routes: HashMap<Arc<str>, Route>,
     pub opts: Options,
 }
 
@@ -84,7 +84,7 @@ pub struct InboxBuilder {
     kafka: ClientConfig,
     group: Option<String>,
     owner: Option<String>,
-    routes: HashMap<String, Route>,
+    routes: HashMap<Arc<str>, Route>,
     opts: Options,
     event_ids: EventIdSource,
 }
@@ -137,7 +137,7 @@ impl Inbox {
             handle: tokio::runtime::Handle::current(),
         };
         let consumer: StreamConsumer<InboxContext> = self.kafka.create_with_context(ctx)?;
-        let topics: Vec<&str> = self.shared.routes.keys().map(String::as_str).collect();
+        let topics: Vec<&str> = self.shared.routes.keys().map(|t| &**t).collect();
         check_topics(&consumer, &topics)?;
         consumer.subscribe(&topics)?;
         tracing::info!(group = %self.shared.group, ?topics, owner = %self.shared.owner, "inbox started");
@@ -217,7 +217,7 @@ impl Inbox {
                 .shared
                 .routes
                 .get_key_value(topic)
-                .map_or_else(|| Arc::from(topic), |(k, _)| Arc::from(k.as_str())),
+                .map_or_else(|| Arc::from(topic), |(k, _)| k.clone()),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
@@ -318,14 +318,14 @@ impl InboxBuilder {
     /// Handles `topic` one message at a time (within batched transactions).
     pub fn handler(mut self, topic: &str, handler: impl Handler) -> Self {
         self.routes
-            .insert(topic.to_owned(), Route::Each(Arc::new(handler)));
+            .insert(Arc::from(topic), Route::Each(Arc::new(handler)));
         self
     }
 
     /// Handles `topic` with a batch handler.
     pub fn batch_handler(mut self, topic: &str, handler: impl BatchHandler) -> Self {
         self.routes
-            .insert(topic.to_owned(), Route::Batch(Arc::new(handler)));
+            .insert(Arc::from(topic), Route::Batch(Arc::new(handler)));
         self
     }
 
