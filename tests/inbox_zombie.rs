@@ -63,9 +63,11 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert_eq!(
-        applied_before, 20,
-        "batches before the frozen one committed"
+    // Batches (at most 10) take what is already buffered, so the frozen one
+    // starts somewhere in 16..=25; message 25 is in it and not applied.
+    assert!(
+        (16..=25).contains(&applied_before),
+        "batches before the frozen one committed, the frozen one did not ({applied_before} applied)"
     );
 
     let mut successor = Child::spawn(Path::new(BIN), &[], &env(false));
