@@ -5,35 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use txbox::inbox::{Inbox, InboxBuilder};
 use txbox::{Outbox, Schema};
 use txbox_testkit::{kafka, tansu, unique_name, TestDb};
-use txbox_tests::{Bank, BatchBank};
-
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<txbox::Result<()>>,
-}
-
-fn start(builder: InboxBuilder) -> Running {
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let inbox = builder.build().expect("valid inbox config");
-    let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
-    Running { stop, task }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("inbox stops")
-            .expect("inbox task")
-            .expect("inbox ran without error");
-    }
-}
+use txbox_tests::{consumed, wait_consumed, Bank, BatchBank, RunningInbox};
 
 fn bank_inbox(db: &TestDb, bootstrap: &str, group: &str, topic: &str) -> InboxBuilder {
     Inbox::builder(db.pool().clone())
@@ -53,7 +28,8 @@ async fn every_message_applied_once_and_offsets_live_in_postgres() {
     let deposits = Bank::deposits(600, 25);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = start(bank_inbox(&db, broker.bootstrap(), &group, &topic).batch_size(50));
+    let inbox =
+        RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic).batch_size(50));
     assert!(
         Bank::wait_processed(db.pool(), &group, 600, Duration::from_secs(60)).await,
         "all processed"
@@ -101,7 +77,7 @@ async fn replays_change_nothing() {
     let deposits = Bank::deposits(200, 10);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
+    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
     assert!(Bank::wait_processed(db.pool(), &group, 200, Duration::from_secs(60)).await);
     inbox.stop().await;
     let before: Vec<(String, i64)> = sqlx::query_as("SELECT id, balance FROM account ORDER BY id")
@@ -118,26 +94,13 @@ async fn replays_change_nothing() {
     // 2. Republish the same events (same ce_id) under new offsets.
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
+    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
     // The rewound log now holds 400 records; wait until the group is past all.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let consumed: i64 = sqlx::query_scalar(
-            "SELECT sum(next_offset)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1",
-        )
-        .bind(&group)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        if consumed >= 400 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "replay not consumed: at {consumed} of 400"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_consumed(db.pool(), &group, 400, Duration::from_secs(60)).await,
+        "replay not consumed: at {} of 400",
+        consumed(db.pool(), &group).await
+    );
     inbox.stop().await;
 
     let after: Vec<(String, i64)> = sqlx::query_as("SELECT id, balance FROM account ORDER BY id")
@@ -170,13 +133,13 @@ async fn batch_handler_applies_once_and_a_consumer_restart_resumes_from_postgres
             )
             .batch_size(100)
     };
-    let inbox = start(batch());
+    let inbox = RunningInbox::start(batch());
     assert!(Bank::wait_processed(db.pool(), &group, 300, Duration::from_secs(60)).await);
     inbox.stop().await;
 
     let second = Bank::deposits(100, 7);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&second)).await;
-    let inbox = start(batch());
+    let inbox = RunningInbox::start(batch());
     assert!(Bank::wait_processed(db.pool(), &group, 400, Duration::from_secs(60)).await);
     inbox.stop().await;
 
@@ -251,7 +214,7 @@ async fn positions_can_be_mirrored_to_kafka_for_lag_tools() {
     let deposits = Bank::deposits(100, 5);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = start(
+    let inbox = RunningInbox::start(
         bank_inbox(&db, broker.bootstrap(), &group, &topic)
             .mirror_offsets_to_kafka(Duration::from_millis(100)),
     );

@@ -6,45 +6,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio_util::sync::CancellationToken;
 use txbox::db::Backoff;
-use txbox::inbox::{
-    FailureAction, Handler, HandlerError, Inbox, InboxBuilder, InboxMessage, RetryPolicy, Tx,
-};
+use txbox::inbox::{FailureAction, Handler, HandlerError, Inbox, InboxMessage, RetryPolicy, Tx};
 use txbox::{Outbox, Schema};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
 use txbox_testkit::{kafka, tansu, unique_name, TestDb};
-use txbox_tests::{Bank, Deposit, ALWAYS_FAILS};
-
-fn run(
-    builder: InboxBuilder,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<txbox::Result<()>>,
-) {
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    let inbox = builder.build().expect("config");
-    (
-        stop,
-        tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await }),
-    )
-}
-
-async fn stop(
-    handle: (
-        CancellationToken,
-        tokio::task::JoinHandle<txbox::Result<()>>,
-    ),
-) {
-    handle.0.cancel();
-    tokio::time::timeout(Duration::from_secs(30), handle.1)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("ran cleanly");
-}
+use txbox_tests::{consumed, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS};
 
 /// event_id, offset, payload, attempts, error, headers
 type DeadLetter = (String, i64, Option<Vec<u8>>, i32, String, serde_json::Value);
@@ -54,25 +22,6 @@ fn fast_retry(attempts: u32) -> RetryPolicy {
         Duration::from_millis(10),
         Duration::from_millis(50),
     ))
-}
-
-async fn next_offset(db: &TestDb, group: &str) -> i64 {
-    sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1")
-        .bind(group)
-        .fetch_one(db.pool())
-        .await
-        .unwrap()
-}
-
-async fn wait_offset(db: &TestDb, group: &str, want: i64, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if next_offset(db, group).await >= want {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -113,17 +62,19 @@ async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
     let positions = kafka::produce(broker.bootstrap(), &topic, records).await;
     let total = positions.len() as i64;
 
-    let h = run(Inbox::builder(db.pool().clone())
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
-        .batch_size(10)
-        .retry(fast_retry(3)));
+    let h = RunningInbox::start(
+        Inbox::builder(db.pool().clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+            .batch_size(10)
+            .retry(fast_retry(3)),
+    );
     assert!(
-        wait_offset(&db, &group, total, Duration::from_secs(60)).await,
+        wait_consumed(db.pool(), &group, total, Duration::from_secs(60)).await,
         "consumed past every message"
     );
-    stop(h).await;
+    h.stop().await;
 
     let dead: Vec<DeadLetter> = sqlx::query_as(
         "SELECT event_id, \"offset\", payload, attempts, error, headers FROM txbox.inbox_dead_letters WHERE consumer_group = $1 ORDER BY \"offset\"",
@@ -194,12 +145,12 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
             .batch_size(4)
             .retry(fast_retry(2))
     };
-    let h = run(builder().on_failure(FailureAction::StopPartition));
-    assert!(wait_offset(&db, &group, 15, Duration::from_secs(60)).await);
+    let h = RunningInbox::start(builder().on_failure(FailureAction::StopPartition));
+    assert!(wait_consumed(db.pool(), &group, 15, Duration::from_secs(60)).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop(h).await;
+    h.stop().await;
     assert_eq!(
-        next_offset(&db, &group).await,
+        consumed(db.pool(), &group).await,
         15,
         "stopped at the poison, not past it"
     );
@@ -213,9 +164,9 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
 
     // The operator switches to dead-lettering: the poison is moved aside
     // and the rest flows, each once.
-    let h = run(builder());
-    assert!(wait_offset(&db, &group, 31, Duration::from_secs(60)).await);
-    stop(h).await;
+    let h = RunningInbox::start(builder());
+    assert!(wait_consumed(db.pool(), &group, 31, Duration::from_secs(60)).await);
+    h.stop().await;
     let mut all = before;
     all.extend(after);
     let problems = Bank::check_exactly_once(db.pool(), &all).await;
@@ -244,14 +195,16 @@ async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
         .await
         .unwrap();
 
-    let h = run(Inbox::builder(pool)
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
-        .batch_size(5)
-        .retry(fast_retry(3)));
+    let h = RunningInbox::start(
+        Inbox::builder(pool)
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+            .batch_size(5)
+            .retry(fast_retry(3)),
+    );
     assert!(
-        wait_offset(&db, &group, 20, Duration::from_secs(60)).await,
+        wait_consumed(db.pool(), &group, 20, Duration::from_secs(60)).await,
         "made progress before the outage"
     );
 
@@ -259,10 +212,10 @@ async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
     let second = Bank::deposits(200, 11);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&second)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let during = next_offset(&db, &group).await;
+    let during = consumed(db.pool(), &group).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        next_offset(&db, &group).await,
+        consumed(db.pool(), &group).await,
         during,
         "nothing advances while the database is unreachable"
     );
@@ -274,10 +227,10 @@ async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
 
     proxy.restore();
     assert!(
-        wait_offset(&db, &group, 400, Duration::from_secs(60)).await,
+        wait_consumed(db.pool(), &group, 400, Duration::from_secs(60)).await,
         "resumed after the outage"
     );
-    stop(h).await;
+    h.stop().await;
     let mut all = first;
     all.extend(second);
     let problems = Bank::check_exactly_once(db.pool(), &all).await;
@@ -317,20 +270,22 @@ async fn serialization_failures_are_retried_without_using_up_attempts() {
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
     // One attempt only: a 40001 counted as an attempt would dead-letter.
-    let h = run(Inbox::builder(db.pool().clone())
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .handler(
-            &topic,
-            Flaky {
-                bank: Bank::new(Outbox::new(Schema::default())),
-                left: std::sync::atomic::AtomicU32::new(5),
-            },
-        )
-        .batch_size(4)
-        .retry(fast_retry(1)));
-    assert!(wait_offset(&db, &group, 30, Duration::from_secs(60)).await);
-    stop(h).await;
+    let h = RunningInbox::start(
+        Inbox::builder(db.pool().clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(
+                &topic,
+                Flaky {
+                    bank: Bank::new(Outbox::new(Schema::default())),
+                    left: std::sync::atomic::AtomicU32::new(5),
+                },
+            )
+            .batch_size(4)
+            .retry(fast_retry(1)),
+    );
+    assert!(wait_consumed(db.pool(), &group, 30, Duration::from_secs(60)).await);
+    h.stop().await;
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
         .fetch_one(db.pool())
         .await
@@ -362,13 +317,15 @@ async fn expired_event_ids_are_pruned_and_recent_ones_kept() {
     .unwrap();
     let deposits = Bank::deposits(20, 2);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
-    let h = run(Inbox::builder(db.pool().clone())
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
-        .dedupe_retention(Duration::from_secs(24 * 3600))
-        .prune_interval(Duration::from_millis(200)));
-    assert!(wait_offset(&db, &group, 20, Duration::from_secs(60)).await);
+    let h = RunningInbox::start(
+        Inbox::builder(db.pool().clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+            .dedupe_retention(Duration::from_secs(24 * 3600))
+            .prune_interval(Duration::from_millis(200)),
+    );
+    assert!(wait_consumed(db.pool(), &group, 20, Duration::from_secs(60)).await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let old: i64 = sqlx::query_scalar(
@@ -386,7 +343,7 @@ async fn expired_event_ids_are_pruned_and_recent_ones_kept() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop(h).await;
+    h.stop().await;
     let kept: i64 =
         sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_processed WHERE consumer_group = $1")
             .bind(&group)
@@ -417,14 +374,16 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
         .connect(db.url())
         .await
         .unwrap();
-    let h = run(Inbox::builder(pool)
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .handler(&topic, Bank::new(Outbox::new(Schema::default())))
-        .batch_size(2)
-        .retry(fast_retry(2)));
+    let h = RunningInbox::start(
+        Inbox::builder(pool)
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Bank::new(Outbox::new(Schema::default())))
+            .batch_size(2)
+            .retry(fast_retry(2)),
+    );
     let mut kills = 0;
-    while next_offset(&db, &group).await < 1200 && kills < 20 {
+    while consumed(db.pool(), &group).await < 1200 && kills < 20 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let killed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -442,10 +401,10 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
         "sessions were killed mid-stream ({kills} times)"
     );
     assert!(
-        wait_offset(&db, &group, 1200, Duration::from_secs(60)).await,
+        wait_consumed(db.pool(), &group, 1200, Duration::from_secs(60)).await,
         "resumed after every kill"
     );
-    stop(h).await;
+    h.stop().await;
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
         .fetch_one(db.pool())
         .await

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
-use txbox::inbox::{BatchError, BatchHandler, Handler, HandlerError, InboxMessage, Tx};
+use tokio_util::sync::CancellationToken;
+use txbox::inbox::{
+    BatchError, BatchHandler, Handler, HandlerError, InboxBuilder, InboxMessage, Tx,
+};
 use txbox::{Outbox, OutboxEvent};
 use txbox_testkit::kafka::Record;
 
@@ -239,4 +242,61 @@ impl BatchHandler for BatchBank {
         }
         Ok(())
     }
+}
+
+/// An inbox running in this process until [`RunningInbox::stop`].
+#[derive(Debug)]
+pub struct RunningInbox {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<txbox::Result<()>>,
+}
+
+impl RunningInbox {
+    /// Builds the inbox and runs it on a task.
+    ///
+    /// # Panics
+    /// If the configuration is invalid.
+    pub fn start(builder: InboxBuilder) -> Self {
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let inbox = builder.build().expect("valid inbox config");
+        let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
+        RunningInbox { stop, task }
+    }
+
+    /// Asks it to stop and waits.
+    ///
+    /// # Panics
+    /// If it does not stop within 30 s or did not run cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("inbox stops")
+            .expect("inbox task")
+            .expect("inbox ran without error");
+    }
+}
+
+/// Messages `group` has consumed: the sum of its partitions' next offsets.
+pub async fn consumed(pool: &PgPool, group: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .expect("inbox offsets")
+}
+
+/// Waits until [`consumed`] reaches `want`. Returns false on timeout.
+pub async fn wait_consumed(pool: &PgPool, group: &str, want: i64, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if consumed(pool, group).await >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
