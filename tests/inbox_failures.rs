@@ -1,6 +1,7 @@
 //! Bad input and outages: poison messages are retried then dead-lettered
 //! with nothing lost; a partition can instead be stopped; a database outage
-//! stalls progress without loss or duplicates.
+//! (the network cut, or the server stopped and restarted) stalls progress
+//! without loss or duplicates.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use txbox::inbox::{FailureAction, Handler, HandlerError, Inbox, InboxMessage, Re
 use txbox::{Outbox, Schema};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
-use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_testkit::{kafka, tansu, unique_name, PgServer, TestDb};
 use txbox_tests::{consumed, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS};
 
 /// event_id, offset, payload, attempts, error, headers
@@ -174,7 +175,74 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn database_outage_stalls_then_resumes_without_loss_or_duplicates() {
+async fn database_restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    // The shared test server cannot be stopped: this test has its own.
+    let server = PgServer::start().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&server.url("postgres"))
+        .await
+        .unwrap();
+    txbox::Migrator::new(Schema::default())
+        .run(&pool)
+        .await
+        .unwrap();
+    Bank::setup(&pool).await;
+    let topic = broker.topic("restart", 2).await;
+    let group = unique_name("bank");
+    let first = Bank::deposits(300, 11);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&first)).await;
+
+    let h = RunningInbox::start(
+        Inbox::builder(pool.clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(
+                &topic,
+                Bank::new(Outbox::new(Schema::default())).paced(Duration::from_millis(5)),
+            )
+            .batch_size(5)
+            .retry(fast_retry(3)),
+    );
+    assert!(
+        wait_consumed(&pool, &group, 50, Duration::from_secs(60)).await,
+        "made progress before the outage"
+    );
+    // Stopped as a crash stops it, with transactions in flight: each one
+    // either committed before the stop or is rolled back by recovery.
+    server.stop();
+    let second = Bank::deposits(100, 11);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&second)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(h.is_running(), "the inbox waits out a database outage");
+
+    server.restart();
+    let before_restart = consumed(&pool, &group).await;
+    assert!(
+        before_restart < 300,
+        "the stop came mid-stream ({before_restart} of 300 consumed)"
+    );
+    assert!(
+        wait_consumed(&pool, &group, 400, Duration::from_secs(60)).await,
+        "resumed after the restart"
+    );
+    h.stop().await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "an outage is not a poison message");
+    let mut all = first;
+    all.extend(second);
+    let problems = Bank::check_exactly_once(&pool, &all).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_unreachable_stalls_then_resumes_without_loss_or_duplicates() {
     txbox_testkit::init_tracing();
     let broker = tansu().await;
     let db = TestDb::new().await;

@@ -40,6 +40,8 @@ pub struct Bank {
     /// Seconds to sleep inside the handler when a message's offset matches,
     /// announcing `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
     slow_offset: Option<(i64, Duration)>,
+    /// Sleep inside every message's transaction, to keep a stream flowing.
+    pace: Option<Duration>,
 }
 
 impl Bank {
@@ -48,7 +50,15 @@ impl Bank {
         Bank {
             outbox,
             slow_offset: None,
+            pace: None,
         }
+    }
+
+    /// Sleeps `d` inside every message's transaction, so a stream is still
+    /// flowing (with transactions open) when a test breaks something.
+    pub fn paced(mut self, d: Duration) -> Self {
+        self.pace = Some(d);
+        self
     }
 
     /// Sleeps `d` inside the transaction of the message at `offset`.
@@ -106,6 +116,9 @@ impl Bank {
             return Err(HandlerError::retryable(format!(
                 "account {ALWAYS_FAILS} is unavailable"
             )));
+        }
+        if let Some(d) = self.pace {
+            tokio::time::sleep(d).await;
         }
         if let Some((offset, sleep)) = self.slow_offset {
             if msg.offset() == offset {
@@ -262,6 +275,11 @@ impl RunningInbox {
         let inbox = builder.build().expect("valid inbox config");
         let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
         RunningInbox { stop, task }
+    }
+
+    /// True while its task has not ended (with or without an error).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
     }
 
     /// Asks it to stop and waits.

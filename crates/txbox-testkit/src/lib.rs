@@ -1,6 +1,7 @@
 //! Fixtures for testing txbox and services built on it.
 //!
 //! - [`TestDb`]: a fresh PostgreSQL database per test, migrated, dropped after.
+//! - [`PgServer`]: a private PostgreSQL server a test can stop and restart.
 //! - [`tansu`]: a real Kafka-protocol broker over TCP (Tansu), one per test
 //!   process or the one named by `TXBOX_TEST_KAFKA`; topics per test.
 //! - [`MockKafka`]: librdkafka's in-process mock cluster, for injected errors.
@@ -19,10 +20,12 @@ pub mod kafka;
 mod mock;
 pub mod process;
 pub mod proxy;
+mod server;
 
 pub use broker::{tansu, Broker};
 pub use db::TestDb;
 pub use mock::MockKafka;
+pub use server::PgServer;
 
 /// A name unique to this process and call, for topics, groups and schemas.
 pub fn unique_name(prefix: &str) -> String {
