@@ -2,7 +2,7 @@
 //! same process, on the same database and broker.
 //!
 //! ```text
-//! txbox-bench inbox [--messages N] [--seconds S]
+//! txbox-bench inbox [--messages N] [--seconds S] [--rounds R] [--shape BATCHxPARTITIONS]...
 //! ```
 //!
 //! For each scenario (per-message transactions on one partition; batches of
@@ -23,6 +23,10 @@
 //! and prints messages/s for each, the ratios, and *consume-only*: a plain
 //! consumer reading the same topic with no database work, the most any
 //! consumer can get from the broker for that topic.
+//!
+//! Each shape runs `--rounds` times, baselines and inbox back to back in
+//! every round, so a noisy neighbour slows both sides of a ratio alike; the
+//! median line gives the medians of the rounds' figures and ratios.
 //!
 //! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
 //! `TXBOX_KAFKA_BOOTSTRAP` (a broker; `scripts/dev-up` starts Tansu).
@@ -60,6 +64,15 @@ enum What {
         /// Seconds per ceiling run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Rounds per shape. Each round runs every baseline and then the
+        /// inbox; with more than one, a median line follows (ratios are the
+        /// medians of the rounds' own ratios).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Run only these shapes, as `BATCHxPARTITIONS` (repeatable, e.g.
+        /// `--shape 100x1`). Default: 1x1, 100x1 and 100x4.
+        #[arg(long = "shape", value_parser = parse_shape)]
+        shapes: Vec<Shape>,
     },
 }
 
@@ -68,6 +81,77 @@ enum What {
 pub(crate) struct Shape {
     pub batch: usize,
     pub partitions: usize,
+}
+
+/// What one round of one shape measured, in messages/s.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    inbox: f64,
+    same: f64,
+    reference: f64,
+    pgbench: f64,
+    consume_only: f64,
+}
+
+impl Round {
+    fn print(&self, label: &str) {
+        println!(
+            "{label:<33} {:>9.0} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
+            self.inbox,
+            self.same,
+            self.inbox / self.same,
+            self.reference,
+            self.inbox / self.reference,
+            self.pgbench,
+            self.inbox / self.pgbench,
+            self.consume_only
+        );
+    }
+
+    fn print_median(label: &str, rounds: &[Round]) {
+        let m = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+        println!(
+            "{label:<33} {:>9.0} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
+            m(&|r| r.inbox),
+            m(&|r| r.same),
+            m(&|r| r.inbox / r.same),
+            m(&|r| r.reference),
+            m(&|r| r.inbox / r.reference),
+            m(&|r| r.pgbench),
+            m(&|r| r.inbox / r.pgbench),
+            m(&|r| r.consume_only)
+        );
+    }
+}
+
+/// The median (NaN-safe: NaNs sort last).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn parse_shape(s: &str) -> Result<Shape, String> {
+    let (b, p) = s
+        .split_once('x')
+        .ok_or_else(|| format!("expected BATCHxPARTITIONS, got {s:?}"))?;
+    let num = |v: &str| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{v:?} is not a positive number"))
+    };
+    Ok(Shape {
+        batch: num(b)?,
+        partitions: num(p)?,
+    })
 }
 
 #[tokio::main]
@@ -79,7 +163,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let opt = Opt::parse();
     match opt.what {
-        What::Inbox { messages, seconds } => {
+        What::Inbox {
+            messages,
+            seconds,
+            rounds: rounds_wanted,
+            shapes,
+        } => {
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
             println!(
                 "txbox-bench inbox: database {}, broker {}",
@@ -87,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let pgbench = pgbench::find();
             println!(
-                "{:<26} {:>9} {:>10} {:>6} {:>11} {:>6} {:>9} {:>6} {:>12}",
+                "{:<33} {:>9} {:>10} {:>6} {:>11} {:>6} {:>9} {:>6} {:>12}",
                 "scenario",
                 "inbox",
                 "txbox SQL",
@@ -124,23 +213,36 @@ async fn main() -> anyhow::Result<()> {
                     messages,
                 ),
             ];
-            for (name, shape, n) in scenarios {
+            let chosen = |s: &Shape| {
+                shapes.is_empty()
+                    || shapes
+                        .iter()
+                        .any(|c| c.batch == s.batch && c.partitions == s.partitions)
+            };
+            for (name, shape, n) in scenarios.into_iter().filter(|(_, s, _)| chosen(s)) {
                 let dur = std::time::Duration::from_secs(seconds);
-                let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur).await?;
-                let reference = ceiling::run(&db, ceiling::Sql::Reference, shape, dur).await?;
-                let pg = match &pgbench {
-                    Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
-                    None => f64::NAN,
-                };
-                let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
-                let inbox = run.inbox;
-                println!(
-                    "{name:<26} {inbox:>9.0} {same:>10.0} {:>6.2} {reference:>11.0} {:>6.2} {pg:>9.0} {:>6.2} {:>12.0}",
-                    inbox / same,
-                    inbox / reference,
-                    inbox / pg,
-                    run.consume_only
-                );
+                let mut rounds = Vec::with_capacity(rounds_wanted);
+                for round in 1..=rounds_wanted {
+                    let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur).await?;
+                    let reference = ceiling::run(&db, ceiling::Sql::Reference, shape, dur).await?;
+                    let pg = match &pgbench {
+                        Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
+                        None => f64::NAN,
+                    };
+                    let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
+                    let row = Round {
+                        inbox: run.inbox,
+                        same,
+                        reference,
+                        pgbench: pg,
+                        consume_only: run.consume_only,
+                    };
+                    row.print(&format!("{name} #{round}"));
+                    rounds.push(row);
+                }
+                if rounds.len() > 1 {
+                    Round::print_median(&format!("{name} median"), &rounds);
+                }
             }
             db.drop_db().await?;
         }

@@ -327,6 +327,7 @@ impl InboxContext {
 
     /// Partitions paused for backpressure whose queue has drained.
     pub(crate) fn drained(&self) -> Vec<Key> {
+        // Keep in step with the worker's signal (`PartitionWorker::next_batch`).
         let low = self.shared.opts.max_buffered / 2;
         let mut out = Vec::new();
         for (key, slot) in self.slots().iter_mut() {

@@ -117,7 +117,11 @@ impl PartitionWorker {
                 }
             }
         }
-        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        let before = self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        let resume_at = opts.max_buffered / 2;
+        if before > resume_at && before.saturating_sub(batch.len()) <= resume_at {
+            self.shared.drained.notify_one();
+        }
         Some(batch)
     }
 

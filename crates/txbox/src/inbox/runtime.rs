@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub owner: String,
     pub routes: HashMap<Arc<str>, Route>,
     pub opts: Options,
+    /// Signalled by a worker whose queue fell to the resume threshold, so a
+    /// paused partition is resumed at once rather than on the next tick.
+    pub drained: tokio::sync::Notify,
 }
 
 /// A Kafka consumer whose positions, dedupe and effects commit together in
@@ -152,6 +155,11 @@ impl Inbox {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                () = self.shared.drained.notified() => {
+                    for (topic, partition) in consumer.context().drained() {
+                        set_paused(&consumer, &topic, partition, false);
+                    }
+                }
                 _ = tick.tick() => {
                     for (topic, partition) in consumer.context().drained() {
                         set_paused(&consumer, &topic, partition, false);
@@ -397,6 +405,13 @@ impl InboxBuilder {
     }
 
     /// Messages buffered per partition before it is paused (default 10,000).
+    ///
+    /// A partition whose worker falls this far behind is paused in
+    /// librdkafka and resumed once the worker has drained half of it. Each
+    /// pause makes librdkafka drop what it had prefetched for the partition
+    /// and fetch it again on resume, so a larger buffer means fewer
+    /// refetches for more memory (about `n` times the message size per
+    /// partition).
     pub fn max_buffered(mut self, n: usize) -> Self {
         self.opts.max_buffered = n.max(2);
         self
@@ -445,6 +460,7 @@ impl InboxBuilder {
                 owner,
                 routes: self.routes,
                 opts: self.opts,
+                drained: tokio::sync::Notify::new(),
             }),
             schema: self.schema,
             kafka: self.kafka,

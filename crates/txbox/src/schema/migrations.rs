@@ -38,4 +38,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "relay",
         sql: include_str!("../../../../migrations/0003_relay.sql"),
     },
+    Migration {
+        version: 4,
+        name: "byte_order_keys",
+        sql: include_str!("../../../../migrations/0004_byte_order_keys.sql"),
+    },
 ];
