@@ -13,7 +13,9 @@ use txbox::{Outbox, Schema};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
 use txbox_testkit::{kafka, tansu, unique_name, PgServer, TestDb};
-use txbox_tests::{consumed, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS};
+use txbox_tests::{
+    consumed, dead_letters, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS,
+};
 
 /// event_id, offset, payload, attempts, error, headers
 type DeadLetter = (String, i64, Option<Vec<u8>>, i32, String, serde_json::Value);
@@ -157,10 +159,7 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
     );
     let problems = Bank::check_exactly_once(db.pool(), &before).await;
     assert!(problems.is_empty(), "{problems:#?}");
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0);
 
     // The operator switches to dead-lettering: the poison is moved aside
@@ -230,10 +229,7 @@ async fn database_restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
         "resumed after the restart"
     );
     h.stop().await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let dead = dead_letters(&pool).await;
     assert_eq!(dead, 0, "an outage is not a poison message");
     let mut all = first;
     all.extend(second);
@@ -287,10 +283,7 @@ async fn database_unreachable_stalls_then_resumes_without_loss_or_duplicates() {
         during,
         "nothing advances while the database is unreachable"
     );
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "an outage is not a poison message");
 
     proxy.restore();
@@ -354,10 +347,7 @@ async fn serialization_failures_are_retried_without_using_up_attempts() {
     );
     assert!(wait_consumed(db.pool(), &group, 30, Duration::from_secs(60)).await);
     h.stop().await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "40001 is transient: retried, never dead-lettered");
     let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
     assert!(problems.is_empty(), "{problems:#?}");
@@ -473,10 +463,7 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
         "resumed after every kill"
     );
     h.stop().await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "a killed session is not a poison message");
     let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
     assert!(problems.is_empty(), "{problems:#?}");

@@ -307,6 +307,14 @@ pub async fn consumed(pool: &PgPool, group: &str) -> i64 {
     .expect("inbox offsets")
 }
 
+/// Rows in the inbox's dead-letter table (all groups).
+pub async fn dead_letters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")
+        .fetch_one(pool)
+        .await
+        .expect("inbox dead letters")
+}
+
 /// Waits until [`consumed`] reaches `want`. Returns false on timeout.
 pub async fn wait_consumed(pool: &PgPool, group: &str, want: i64, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;

@@ -155,15 +155,9 @@ impl Inbox {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                () = self.shared.drained.notified() => {
-                    for (topic, partition) in consumer.context().drained() {
-                        set_paused(&consumer, &topic, partition, false);
-                    }
-                }
+                () = self.shared.drained.notified() => resume_drained(&consumer),
                 _ = tick.tick() => {
-                    for (topic, partition) in consumer.context().drained() {
-                        set_paused(&consumer, &topic, partition, false);
-                    }
+                    resume_drained(&consumer);
                     if let Some(every) = self.shared.opts.mirror_offsets {
                         if last_mirror.elapsed() >= every {
                             last_mirror = tokio::time::Instant::now();
@@ -280,6 +274,13 @@ fn mirror_offsets(consumer: &StreamConsumer<InboxContext>) {
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         tracing::debug!(error = %e, "mirroring offsets to Kafka failed (informational only)");
+    }
+}
+
+/// Resumes the partitions paused for backpressure whose queue has drained.
+fn resume_drained(consumer: &StreamConsumer<InboxContext>) {
+    for (topic, partition) in consumer.context().drained() {
+        set_paused(consumer, &topic, partition, false);
     }
 }
 
