@@ -6,6 +6,8 @@
 //! txbox migrate status               list migrations and their state
 //! txbox dead-letters [--group G]     list inbox dead letters
 //! txbox offsets [--group G]          list inbox positions and epochs
+//! txbox offsets reset --group G --topic T (--to-offset N | --shift-by N)
+//!       [--partition P]... [--execute]  move positions (dry run unless --execute)
 //! txbox relay-status                 list relay streams, owners and positions
 //! ```
 //!
@@ -19,6 +21,7 @@ mod inspect;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
+use txbox::inbox::{PositionReset, ResetTo};
 use txbox::schema::MigrationState;
 use txbox::{Migrator, Schema};
 
@@ -67,11 +70,15 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u64,
     },
-    /// List inbox positions (next offset and fencing epoch per partition).
+    /// List inbox positions (next offset and fencing epoch per partition),
+    /// or move them (`reset`).
     Offsets {
         /// Only this consumer group.
         #[arg(long)]
         group: Option<String>,
+        /// `reset` moves positions instead of listing them.
+        #[command(subcommand)]
+        sub: Option<OffsetsCommand>,
     },
     /// List relay streams: owner, lease, position, published count.
     RelayStatus,
@@ -82,6 +89,41 @@ pub enum Command {
 pub enum MigrateCommand {
     /// List every migration and whether it is applied.
     Status,
+}
+
+/// `txbox offsets` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OffsetsCommand {
+    /// Move a group's stored positions on a topic and fence their owners.
+    ///
+    /// Stop the group's consumers first: a consumer still running on a moved
+    /// partition is fenced and holds it, unprocessed, until it restarts or
+    /// the group rebalances. Prints the plan and changes nothing unless
+    /// `--execute` is given (as `kafka-consumer-groups --reset-offsets`).
+    Reset {
+        /// The consumer group.
+        #[arg(long)]
+        group: String,
+        /// The topic.
+        #[arg(long)]
+        topic: String,
+        /// Only this partition (repeatable; default: every stored one).
+        #[arg(long = "partition")]
+        partitions: Vec<i32>,
+        /// Move to this offset (0: the start of the log).
+        #[arg(
+            long,
+            conflicts_with = "shift_by",
+            required_unless_present = "shift_by"
+        )]
+        to_offset: Option<i64>,
+        /// Move by this many (negative: replay that many), floored at 0.
+        #[arg(long, allow_hyphen_values = true)]
+        shift_by: Option<i64>,
+        /// Apply the reset (otherwise only print it).
+        #[arg(long)]
+        execute: bool,
+    },
 }
 
 /// Runs one command.
@@ -139,9 +181,52 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
             migrator.verify(&pool).await?;
             inspect::dead_letters(&pool, &schema, group.as_deref(), limit).await?;
         }
-        Command::Offsets { group } => {
+        Command::Offsets { group, sub: None } => {
             migrator.verify(&pool).await?;
             inspect::offsets(&pool, &schema, group.as_deref()).await?;
+        }
+        Command::Offsets {
+            sub:
+                Some(OffsetsCommand::Reset {
+                    group,
+                    topic,
+                    partitions,
+                    to_offset,
+                    shift_by,
+                    execute,
+                }),
+            ..
+        } => {
+            migrator.verify(&pool).await?;
+            let to = match (to_offset, shift_by) {
+                (Some(o), _) => ResetTo::Offset(o),
+                (None, Some(n)) => ResetTo::Shift(n),
+                (None, None) => anyhow::bail!("give --to-offset or --shift-by"),
+            };
+            let mut reset = PositionReset::new(schema.clone(), &group, &topic, to);
+            if !partitions.is_empty() {
+                reset = reset.partitions(partitions);
+            }
+            let changes = if execute {
+                reset.apply(&pool).await?
+            } else {
+                reset.preview(&pool).await?
+            };
+            println!("group\ttopic\tpart\tfrom\tto\tfenced_owner");
+            for c in &changes {
+                println!(
+                    "{group}\t{topic}\t{}\t{}\t{}\t{}",
+                    c.partition,
+                    c.from,
+                    c.to,
+                    c.fenced_owner.as_deref().unwrap_or("")
+                );
+            }
+            if execute {
+                println!("reset {} partitions", changes.len());
+            } else {
+                println!("dry run: nothing changed; add --execute to apply");
+            }
         }
         Command::RelayStatus => {
             migrator.verify(&pool).await?;

@@ -42,6 +42,21 @@ pub enum Error {
     /// An outbox event could not be staged as given.
     #[error("invalid outbox event: {0}")]
     InvalidEvent(Cow<'static, str>),
+
+    /// A position reset selected partitions the group has never consumed.
+    #[error(
+        "no stored inbox position for group {group:?} on topic {topic:?}{}",
+        if partitions.is_empty() { String::new() } else { format!(", partitions {partitions:?}") }
+    )]
+    NoPosition {
+        /// The consumer group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The selected partitions with no stored position (empty: the
+        /// topic has none at all).
+        partitions: Vec<i32>,
+    },
 }
 
 impl Error {

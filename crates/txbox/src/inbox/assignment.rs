@@ -193,11 +193,10 @@ impl InboxContext {
         partition: i32,
     ) -> crate::Result<Position> {
         let s = &self.shared;
-        // Read once: the start position of a new partition (`Latest`) and
-        // the check that a stored position is within the log.
-        let log_end = base
-            .fetch_watermarks(topic, partition, Duration::from_secs(10))
-            .map(|(_, high)| high);
+        // A stored position out of the log's range (the topic was recreated,
+        // or retention removed it) is not checked here: the broker answers
+        // the fetch with OFFSET_OUT_OF_RANGE, `auto.offset.reset` moves it,
+        // and the worker follows a move backwards (`follow_rewind`).
         let initial = match s.opts.start_from {
             StartFrom::Earliest => 0,
             StartFrom::Latest => {
@@ -209,7 +208,10 @@ impl InboxContext {
                     .await?;
                 match existing {
                     Some((_, next)) => next,
-                    None => log_end.clone()?,
+                    None => {
+                        base.fetch_watermarks(topic, partition, Duration::from_secs(10))?
+                            .1
+                    }
                 }
             }
         };
@@ -221,7 +223,6 @@ impl InboxContext {
             .bind(&s.owner)
             .fetch_one(&s.pool)
             .await?;
-        warn_if_past_log_end(&log_end, topic, partition, next_offset);
         Ok(Position {
             topic: Arc::from(topic),
             partition,
@@ -248,6 +249,8 @@ impl InboxContext {
             depth: depth.clone(),
             cancel: cancel.clone(),
             committed: committed.clone(),
+            last_taken: None,
+            held: None,
         };
         let old = self.slots().insert(
             key,
@@ -337,24 +340,5 @@ impl InboxContext {
             }
         }
         out
-    }
-}
-
-/// A stored position past the end of the log means the topic was deleted
-/// and recreated (or truncated): messages below the position in the new log
-/// would be skipped as already consumed. Says so loudly; the operator
-/// decides (`UPDATE ... inbox_offsets SET next_offset = 0` for the new log).
-fn warn_if_past_log_end(log_end: &KafkaResult<i64>, topic: &str, partition: i32, next_offset: i64) {
-    match log_end {
-        Ok(high) if *high < next_offset => tracing::error!(
-            topic,
-            partition,
-            next_offset,
-            log_end = high,
-            "stored position is past the end of the log: was the topic recreated? \
-             messages below the position will be treated as consumed"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::debug!(topic, partition, error = %e, "cannot read the log end"),
     }
 }

@@ -194,6 +194,23 @@ async fn reconcile(tx: &mut Tx, ctx: Ctx<'_>, pos: &Position) -> Result<Attempt,
     })
 }
 
+/// Moves the partition's stored position to `to` (fenced, in its own
+/// transaction): used when Kafka rewinds the partition to a recreated log.
+pub(crate) async fn reposition(ctx: Ctx<'_>, pos: &Position, to: i64) -> Attempt {
+    let attempt = async {
+        let mut tx = ctx.pool.begin().await?;
+        fenced_advance(&mut tx, ctx, pos, to).await?;
+        tx.commit().await?;
+        Ok(Attempt::Committed {
+            applied: 0,
+            duplicates: 0,
+        })
+    };
+    match attempt.await {
+        Ok(a) | Err(a) => a,
+    }
+}
+
 /// A message the handler could not apply, and its history.
 #[derive(Debug)]
 pub(crate) struct Failure<'a> {

@@ -45,6 +45,11 @@ pub(crate) struct PartitionWorker {
     pub depth: Arc<AtomicUsize>,
     pub cancel: CancellationToken,
     pub committed: Arc<AtomicI64>,
+    /// The offset of the last message taken from the queue.
+    pub last_taken: Option<i64>,
+    /// A message that ended the previous batch by going backwards: it opens
+    /// the next one.
+    pub held: Option<InboxMessage>,
 }
 
 impl PartitionWorker {
@@ -55,6 +60,9 @@ impl PartitionWorker {
             let Some(batch) = self.next_batch().await else {
                 break Stop::Cancelled;
             };
+            if let Err(stop) = self.follow_rewind(&batch).await {
+                break stop;
+            }
             if let Err(stop) = self.process(batch).await {
                 break stop;
             }
@@ -90,18 +98,30 @@ impl PartitionWorker {
         }
     }
 
+    /// Takes the next batch: up to `batch_size` messages in ascending
+    /// offsets, waiting at most `linger` for it to fill. A message whose
+    /// offset goes backwards (Kafka rewound the partition) ends the batch and
+    /// opens the next one.
     async fn next_batch(&mut self) -> Option<Vec<InboxMessage>> {
-        let first = tokio::select! {
-            biased;
-            _ = self.cancel.cancelled() => return None,
-            m = self.rx.recv() => m?,
+        let mut received = 0usize;
+        let first = match self.held.take() {
+            Some(m) => m,
+            None => {
+                let m = tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return None,
+                    m = self.rx.recv() => m?,
+                };
+                received += 1;
+                m
+            }
         };
         let opts = &self.shared.opts;
         let mut batch = vec![first];
         let deadline = Instant::now() + opts.linger;
-        while batch.len() < opts.batch_size {
-            match self.rx.try_recv() {
-                Ok(m) => batch.push(m),
+        while batch.len() < opts.batch_size && self.held.is_none() {
+            let next = match self.rx.try_recv() {
+                Ok(m) => m,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if Instant::now() >= deadline {
@@ -110,19 +130,53 @@ impl PartitionWorker {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
                         m = self.rx.recv() => match m {
-                            Some(m) => batch.push(m),
+                            Some(m) => m,
                             None => break,
                         },
                     }
                 }
+            };
+            received += 1;
+            if batch.last().is_some_and(|last| next.offset <= last.offset) {
+                self.held = Some(next);
+            } else {
+                batch.push(next);
             }
         }
-        let before = self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        let before = self.depth.fetch_sub(received, Ordering::Relaxed);
         let resume_at = opts.max_buffered / 2;
-        if before > resume_at && before.saturating_sub(batch.len()) <= resume_at {
+        if before > resume_at && before.saturating_sub(received) <= resume_at {
             self.shared.drained.notify_one();
         }
         Some(batch)
+    }
+
+    /// Kafka delivers a partition in offset order from where it was
+    /// assigned; it only goes back when the position was out of range, i.e.
+    /// the log was deleted and recreated (or truncated), and
+    /// `auto.offset.reset` moved the fetch to the new log's start. Messages
+    /// of the new log are then below the stored position and would be
+    /// skipped as consumed: move the stored position back to them first
+    /// (fenced, in its own transaction), so the new log is applied. Event-id
+    /// dedupe still skips any event applied before.
+    async fn follow_rewind(&mut self, batch: &[InboxMessage]) -> Result<(), Stop> {
+        let Some(first) = batch.first().map(InboxMessage::offset) else {
+            return Ok(());
+        };
+        let expected = self
+            .last_taken
+            .map_or(self.pos.next_offset, |last| last + 1);
+        self.last_taken = batch.last().map(InboxMessage::offset);
+        if first >= expected {
+            return Ok(());
+        }
+        metrics::counter!("txbox_inbox_rewinds_total").increment(1);
+        tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+            expected, delivered = first, stored = self.pos.next_offset,
+            "Kafka rewound the partition: its log was recreated or truncated; \
+             moving the stored position back to follow it");
+        self.bookkeep(Bookkeeping::Reposition(first)).await?;
+        Ok(())
     }
 
     /// Applies a batch; on a handler failure, commits what precedes the
@@ -268,21 +322,34 @@ impl PartitionWorker {
     }
 
     async fn dead_letter(&mut self, failure: &Failure<'_>) -> Result<(), Stop> {
-        let offset = failure.message.offset;
+        if self.bookkeep(Bookkeeping::DeadLetter(failure)).await? {
+            metrics::counter!("txbox_inbox_messages_total", "outcome" => "dead_lettered")
+                .increment(1);
+            tracing::error!(topic = %failure.message.topic, partition = failure.message.partition,
+                offset = failure.message.offset, event_id = %failure.message.event_id,
+                attempts = failure.attempts, error = %failure.error, "message dead-lettered");
+        }
+        Ok(())
+    }
+
+    /// Commits a transaction that moves the position without running the
+    /// handler, retrying through database failures and resyncs. Returns
+    /// false when the position already stood where the operation leads
+    /// (nothing was written).
+    async fn bookkeep(&mut self, op: Bookkeeping<'_>) -> Result<bool, Stop> {
         let mut db_failures = 0u32;
         loop {
-            if self.pos.next_offset > offset {
-                return Ok(());
+            if op.done(self.pos.next_offset) {
+                return Ok(false);
             }
-            match commit::dead_letter(self.ctx(), &self.pos, failure).await {
+            let attempt = match op {
+                Bookkeeping::DeadLetter(f) => commit::dead_letter(self.ctx(), &self.pos, f).await,
+                Bookkeeping::Reposition(to) => commit::reposition(self.ctx(), &self.pos, to).await,
+            };
+            match attempt {
                 Attempt::Committed { .. } => {
-                    self.advance_to(offset + 1);
-                    metrics::counter!("txbox_inbox_messages_total", "outcome" => "dead_lettered")
-                        .increment(1);
-                    tracing::error!(topic = %failure.message.topic, partition = failure.message.partition,
-                        offset, event_id = %failure.message.event_id, attempts = failure.attempts,
-                        error = %failure.error, "message dead-lettered");
-                    return Ok(());
+                    self.advance_to(op.next_offset());
+                    return Ok(true);
                 }
                 Attempt::Resync { next_offset } => self.advance_to(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
@@ -292,6 +359,33 @@ impl PartitionWorker {
                 }
                 Attempt::HandlerFailed { .. } => return Err(Stop::Stopped),
             }
+        }
+    }
+}
+
+/// A position move that runs no handler.
+#[derive(Clone, Copy)]
+enum Bookkeeping<'a> {
+    /// Dead-letter this message and advance past it.
+    DeadLetter(&'a Failure<'a>),
+    /// Move the position back to this offset (Kafka rewound the partition).
+    Reposition(i64),
+}
+
+impl Bookkeeping<'_> {
+    /// The partition's next offset once this is committed.
+    fn next_offset(self) -> i64 {
+        match self {
+            Bookkeeping::DeadLetter(f) => f.message.offset + 1,
+            Bookkeeping::Reposition(to) => to,
+        }
+    }
+
+    /// True when a partition at `next_offset` needs no such move.
+    fn done(self, next_offset: i64) -> bool {
+        match self {
+            Bookkeeping::DeadLetter(f) => next_offset > f.message.offset,
+            Bookkeeping::Reposition(to) => next_offset <= to,
         }
     }
 }

@@ -306,6 +306,14 @@ impl InboxBuilder {
     /// Any librdkafka consumer option (security, SASL, TLS, timeouts...).
     /// `enable.auto.commit`, `enable.auto.offset.store` and `group.id` are
     /// managed by the inbox and overridden.
+    ///
+    /// `auto.offset.reset` (default here `earliest`) applies only when a
+    /// stored position is out of the log's range: retention removed it, or
+    /// the topic was deleted and recreated. The inbox follows where Kafka
+    /// moves the partition, backwards too (a recreated topic's log is
+    /// applied, not skipped as consumed); `error` stalls the partition with
+    /// a consumer error instead, for an operator to decide (`txbox offsets
+    /// reset`).
     pub fn kafka_option(mut self, key: &str, value: &str) -> Self {
         self.kafka.set(key, value);
         self
@@ -448,8 +456,9 @@ impl InboxBuilder {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
         if self.kafka.get("auto.offset.reset").is_none() {
-            // Only used when a stored offset is out of range (retention
-            // deleted it): continue from the oldest message retained.
+            // Only used when a stored position is out of range (retention
+            // deleted it, or the topic was recreated): continue from the
+            // oldest message retained; the workers follow the move.
             self.kafka.set("auto.offset.reset", "earliest");
         }
         let owner = self.owner.unwrap_or_else(default_owner);

@@ -1,0 +1,186 @@
+//! Moving a consumer group's stored positions by hand: replay from an
+//! earlier offset, skip ahead, or start a recreated topic over.
+
+use sqlx::PgPool;
+
+use crate::error::{Error, Result};
+use crate::schema::Schema;
+
+/// Where [`PositionReset`] moves each selected partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// This offset. `0` means the start of the log: when retention has
+    /// removed it, the consumer starts at the oldest message retained
+    /// (`auto.offset.reset`).
+    Offset(i64),
+    /// The stored position plus this many (negative: replay that many
+    /// messages), never below 0.
+    Shift(i64),
+}
+
+/// One partition's position before and after a reset (or, for
+/// [`PositionReset::preview`], what the reset would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionChange {
+    /// The partition.
+    pub partition: i32,
+    /// The stored next offset before the reset.
+    pub from: i64,
+    /// The stored next offset after it.
+    pub to: i64,
+    /// The consumer that had claimed the partition: it is fenced.
+    pub fenced_owner: Option<String>,
+}
+
+/// Moves one consumer group's stored positions on one topic, and fences
+/// whoever owns them.
+///
+/// The inbox's positions live in Postgres, so this is the counterpart of
+/// `kafka-consumer-groups --reset-offsets` (which would change nothing
+/// here). Every moved partition's epoch is bumped in the same statement: a
+/// consumer still running on it cannot commit again (its transaction rolls
+/// back as fenced) and holds the partition without processing it until it
+/// restarts or the group rebalances. So, as with Kafka's tool, stop the
+/// group's consumers first.
+///
+/// Replaying is safe: event ids already processed are skipped, so a replay
+/// changes nothing unless the dedupe window has expired. The `txbox offsets
+/// reset` command wraps this.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> txbox::Result<()> {
+/// use txbox::inbox::{PositionReset, ResetTo};
+/// use txbox::Schema;
+///
+/// // Read partition 0 of `payments` again from its first message.
+/// let reset = PositionReset::new(Schema::default(), "ledger", "payments", ResetTo::Offset(0))
+///     .partitions([0]);
+/// for change in reset.preview(&pool).await? {
+///     println!("partition {}: {} -> {}", change.partition, change.from, change.to);
+/// }
+/// reset.apply(&pool).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PositionReset {
+    schema: Schema,
+    group: String,
+    topic: String,
+    partitions: Option<Vec<i32>>,
+    to: ResetTo,
+}
+
+impl PositionReset {
+    /// A reset of every stored partition of `topic` for `group`.
+    pub fn new(
+        schema: Schema,
+        group: impl Into<String>,
+        topic: impl Into<String>,
+        to: ResetTo,
+    ) -> Self {
+        PositionReset {
+            schema,
+            group: group.into(),
+            topic: topic.into(),
+            partitions: None,
+            to,
+        }
+    }
+
+    /// Only these partitions. Each must have a stored position.
+    #[must_use]
+    pub fn partitions(mut self, partitions: impl IntoIterator<Item = i32>) -> Self {
+        self.partitions = Some(partitions.into_iter().collect());
+        self
+    }
+
+    /// What [`apply`](Self::apply) would do, computed by the same statement
+    /// in a transaction that is rolled back. Changes nothing.
+    pub async fn preview(&self, pool: &PgPool) -> Result<Vec<PositionChange>> {
+        let mut tx = pool.begin().await?;
+        let changes = self.execute(&mut tx).await?;
+        tx.rollback().await?;
+        Ok(changes)
+    }
+
+    /// Moves the positions and bumps their epochs, in one transaction.
+    ///
+    /// Fails with [`Error::Config`] for a negative target offset, and with
+    /// [`Error::NoPosition`] when a selected partition (or, with no
+    /// selection, the topic) has no stored position for the group; nothing
+    /// is changed then.
+    pub async fn apply(&self, pool: &PgPool) -> Result<Vec<PositionChange>> {
+        let mut tx = pool.begin().await?;
+        let changes = self.execute(&mut tx).await?;
+        tx.commit().await?;
+        Ok(changes)
+    }
+
+    async fn execute(&self, conn: &mut sqlx::PgConnection) -> Result<Vec<PositionChange>> {
+        let (absolute, value) = match self.to {
+            ResetTo::Offset(o) if o < 0 => {
+                return Err(Error::config(format!(
+                    "reset offset must be 0 or more, not {o}"
+                )))
+            }
+            ResetTo::Offset(o) => (true, o),
+            ResetTo::Shift(n) => (false, n),
+        };
+        let offsets = self.schema.table("inbox_offsets");
+        let rows: Vec<(i32, i64, i64, Option<String>)> = sqlx::query_as(&format!(
+            "WITH target AS (
+                 SELECT consumer_group, topic, partition, next_offset, owner FROM {offsets}
+                 WHERE consumer_group = $1 AND topic = $2
+                   AND ($3::int4[] IS NULL OR partition = ANY($3))
+                 FOR UPDATE
+             )
+             UPDATE {offsets} AS o
+             SET next_offset = GREATEST(0, CASE WHEN $4 THEN $5 ELSE t.next_offset + $5 END),
+                 epoch = o.epoch + 1, owner = NULL, updated_at = now()
+             FROM target t
+             WHERE o.consumer_group = t.consumer_group AND o.topic = t.topic
+               AND o.partition = t.partition
+             RETURNING o.partition, t.next_offset, o.next_offset, t.owner"
+        ))
+        .bind(&self.group)
+        .bind(&self.topic)
+        .bind(self.partitions.as_deref())
+        .bind(absolute)
+        .bind(value)
+        .fetch_all(&mut *conn)
+        .await?;
+        let missing: Vec<i32> = match &self.partitions {
+            Some(wanted) => {
+                let mut missing: Vec<i32> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|p| !rows.iter().any(|r| r.0 == *p))
+                    .collect();
+                missing.sort_unstable();
+                missing.dedup();
+                missing
+            }
+            None => Vec::new(),
+        };
+        if rows.is_empty() || !missing.is_empty() {
+            return Err(Error::NoPosition {
+                group: self.group.clone(),
+                topic: self.topic.clone(),
+                partitions: missing,
+            });
+        }
+        let mut changes: Vec<PositionChange> = rows
+            .into_iter()
+            .map(|(partition, from, to, fenced_owner)| PositionChange {
+                partition,
+                from,
+                to,
+                fenced_owner,
+            })
+            .collect();
+        changes.sort_by_key(|c| c.partition);
+        Ok(changes)
+    }
+}
