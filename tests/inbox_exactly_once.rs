@@ -112,6 +112,56 @@ async fn replays_change_nothing() {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
+/// The inbox inserts a batch's event ids with a plain INSERT while it sees no
+/// duplicates; an id seen before (or twice in one batch) fails it, and the
+/// batch is redone with ON CONFLICT. Only the new ids may run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
+    txbox_testkit::init_tracing();
+    let broker = tansu().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("mixed", 1).await;
+    let group = unique_name("bank");
+    let seen = Bank::deposits(40, 4);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&seen)).await;
+    let inbox = || {
+        RunningInbox::start(
+            bank_inbox(&db, broker.bootstrap(), &group, &topic)
+                .batch_size(100)
+                .linger(Duration::from_millis(500)),
+        )
+    };
+    let running = inbox();
+    assert!(wait_consumed(db.pool(), &group, 40, Duration::from_secs(60)).await);
+    running.stop().await;
+
+    // One backlog, read as one batch: new deposits with seen ones between
+    // them, and one new deposit twice.
+    let new = Bank::deposits(30, 4);
+    let mut mixed = Vec::new();
+    for (i, d) in new.iter().enumerate() {
+        mixed.push(d.clone());
+        if i % 3 == 0 {
+            mixed.push(seen[i].clone());
+        }
+    }
+    mixed.push(new[7].clone());
+    let total = 40 + mixed.len() as i64;
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&mixed)).await;
+
+    let running = inbox();
+    assert!(
+        wait_consumed(db.pool(), &group, total, Duration::from_secs(60)).await,
+        "consumed {} of {total}",
+        consumed(db.pool(), &group).await
+    );
+    running.stop().await;
+    let all: Vec<_> = seen.into_iter().chain(new).collect();
+    let problems = Bank::check_exactly_once(db.pool(), &all).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_handler_applies_once_and_a_consumer_restart_resumes_from_postgres() {
     txbox_testkit::init_tracing();

@@ -20,7 +20,7 @@ use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::commit::Position;
+use super::commit::{Dedupe, Position};
 use super::config::StartFrom;
 use super::partition::PartitionWorker;
 use super::runtime::Shared;
@@ -251,6 +251,7 @@ impl InboxContext {
             committed: committed.clone(),
             last_taken: None,
             held: None,
+            dedupe: Dedupe::Optimistic,
         };
         let old = self.slots().insert(
             key,

@@ -61,6 +61,18 @@ impl From<sqlx::Error> for Attempt {
     }
 }
 
+/// How a transaction records its event ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dedupe {
+    /// A plain insert, for batches expected to hold no id seen before (the
+    /// steady state): one index insert per id. An id seen before fails it
+    /// with a unique violation, and the batch is redone `Checked`.
+    Optimistic,
+    /// `INSERT ... ON CONFLICT DO NOTHING RETURNING`: ids seen before are
+    /// skipped. Costs an extra index probe per id (speculative insertion).
+    Checked,
+}
+
 /// What one transaction needs besides the messages.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Ctx<'a> {
@@ -70,16 +82,31 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Applies `chunk` (one partition, ascending offsets, all at or above
-/// `pos.next_offset`) in one transaction.
+/// `pos.next_offset`) in one transaction. An `Optimistic` attempt that meets
+/// an id seen before is rolled back and redone `Checked`.
 pub(crate) async fn apply(
     ctx: Ctx<'_>,
     route: &Route,
     pos: &Position,
     chunk: &[InboxMessage],
+    dedupe: Dedupe,
 ) -> Attempt {
-    match try_apply(ctx, route, pos, chunk).await {
+    match try_apply(ctx, route, pos, chunk, dedupe).await {
+        Err(Attempt::Db(e)) if dedupe == Dedupe::Optimistic && is_dedupe_conflict(&e) => {
+            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
+            match try_apply(ctx, route, pos, chunk, Dedupe::Checked).await {
+                Ok(a) | Err(a) => a,
+            }
+        }
         Ok(a) | Err(a) => a,
     }
+}
+
+/// A unique violation on the processed ids' key: the batch holds an id seen
+/// before (or twice).
+fn is_dedupe_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some("inbox_processed_pkey"))
 }
 
 async fn try_apply(
@@ -87,6 +114,7 @@ async fn try_apply(
     route: &Route,
     pos: &Position,
     chunk: &[InboxMessage],
+    dedupe: Dedupe,
 ) -> Result<Attempt, Attempt> {
     let Some(last) = chunk.last() else {
         return Ok(Attempt::Committed {
@@ -99,19 +127,34 @@ async fn try_apply(
 
     let ids: Vec<&str> = chunk.iter().map(|m| m.event_id.as_str()).collect();
     let offsets: Vec<i64> = chunk.iter().map(|m| m.offset).collect();
-    let fresh: Vec<String> = sqlx::query_scalar(&ctx.sql.insert_processed)
-        .bind(ctx.group)
-        .bind(&ids)
-        .bind(&*pos.topic)
-        .bind(pos.partition)
-        .bind(&offsets)
-        .fetch_all(&mut *tx)
-        .await?;
-    // First occurrence of each fresh id runs; everything else is a duplicate.
-    let mut fresh: HashSet<String> = fresh.into_iter().collect();
-    let run: Vec<usize> = (0..chunk.len())
-        .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
-        .collect();
+    let run: Vec<usize> = match dedupe {
+        Dedupe::Optimistic => {
+            sqlx::query(&ctx.sql.insert_new_processed)
+                .bind(ctx.group)
+                .bind(&ids)
+                .bind(&*pos.topic)
+                .bind(pos.partition)
+                .bind(&offsets)
+                .execute(&mut *tx)
+                .await?;
+            (0..chunk.len()).collect()
+        }
+        Dedupe::Checked => {
+            let fresh: Vec<String> = sqlx::query_scalar(&ctx.sql.insert_processed)
+                .bind(ctx.group)
+                .bind(&ids)
+                .bind(&*pos.topic)
+                .bind(pos.partition)
+                .bind(&offsets)
+                .fetch_all(&mut *tx)
+                .await?;
+            // First occurrence of each fresh id runs; the rest are duplicates.
+            let mut fresh: HashSet<String> = fresh.into_iter().collect();
+            (0..chunk.len())
+                .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
+                .collect()
+        }
+    };
 
     if !run.is_empty() {
         if let Err((index, error)) = run_handler(&mut tx, route, chunk, &run).await {

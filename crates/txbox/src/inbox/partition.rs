@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::commit::{self, Attempt, Ctx, Failure, Position, Route};
+use super::commit::{self, Attempt, Ctx, Dedupe, Failure, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
 use super::runtime::Shared;
@@ -50,6 +50,9 @@ pub(crate) struct PartitionWorker {
     /// A message that ended the previous batch by going backwards: it opens
     /// the next one.
     pub held: Option<InboxMessage>,
+    /// `Optimistic` while batches hold only new event ids; `Checked` after
+    /// one held duplicates (a replay tends to go on), until one holds none.
+    pub dedupe: Dedupe,
 }
 
 impl PartitionWorker {
@@ -226,12 +229,17 @@ impl PartitionWorker {
             let Some(last) = chunk.last().map(InboxMessage::offset) else {
                 return Ok(Outcome::Done);
             };
-            match commit::apply(self.ctx(), &self.route, &self.pos, chunk).await {
+            match commit::apply(self.ctx(), &self.route, &self.pos, chunk, self.dedupe).await {
                 Attempt::Committed {
                     applied,
                     duplicates,
                 } => {
                     self.advance_to(last + 1);
+                    self.dedupe = if duplicates > 0 {
+                        Dedupe::Checked
+                    } else {
+                        Dedupe::Optimistic
+                    };
                     metrics::counter!("txbox_inbox_messages_total", "outcome" => "applied")
                         .increment(applied as u64);
                     if duplicates > 0 {

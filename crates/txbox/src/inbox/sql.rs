@@ -11,6 +11,9 @@ pub(crate) struct Statements {
     pub claim: String,
     /// Inserts event ids; returns the ones not seen before.
     pub insert_processed: String,
+    /// Inserts event ids that are expected to be new: a plain insert, which
+    /// fails with a unique violation on an id seen before.
+    pub insert_new_processed: String,
     /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
     /// $5 epoch, $6 expected next_offset.
     pub advance: String,
@@ -40,6 +43,10 @@ impl Statements {
                  SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)
                  ON CONFLICT (consumer_group, event_id) DO NOTHING
                  RETURNING event_id"
+            ),
+            insert_new_processed: format!(
+                "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
+                 SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)"
             ),
             advance: format!(
                 "UPDATE {offsets} SET next_offset = $1, updated_at = now()

@@ -35,27 +35,31 @@ use crate::schema::Schema;
 pub struct Outbox {
     streams: u32,
     notify_channel: Option<String>,
+    /// A plain insert, when no NOTIFY is sent.
     insert_sql: String,
+    /// The insert and one `pg_notify` per stream written, in one statement.
+    insert_notify_sql: String,
 }
 
 impl Outbox {
     /// An outbox in `schema` with one relay stream and no NOTIFY.
     pub fn new(schema: Schema) -> Self {
         let table = schema.table("outbox");
+        let insert = format!(
+            "INSERT INTO {table} (stream, topic, key, payload, headers, event_id)
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::uuid[])"
+        );
         Outbox {
             streams: 1,
             notify_channel: None,
-            insert_sql: format!(
-                "WITH ins AS (
-                    INSERT INTO {table} (stream, topic, key, payload, headers, event_id)
-                    SELECT * FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::uuid[])
-                    RETURNING stream
-                 )
+            insert_notify_sql: format!(
+                "WITH ins AS ({insert} RETURNING stream)
                  SELECT count(*) AS staged,
-                        (SELECT count(pg_notify($7, s::text)) FROM (SELECT DISTINCT stream AS s FROM ins) d
-                          WHERE $7 IS NOT NULL) AS notified
+                        (SELECT count(pg_notify($7, s::text)) FROM (SELECT DISTINCT stream AS s FROM ins) d)
+                          AS notified
                  FROM ins"
             ),
+            insert_sql: insert,
         }
     }
 
@@ -125,16 +129,31 @@ impl Outbox {
             payloads.push(e.payload);
         }
         crate::crash_point!("outbox.before_stage");
-        let (staged, _notified): (i64, i64) = sqlx::query_as(&self.insert_sql)
-            .bind(&streams)
-            .bind(&topics)
-            .bind(&keys)
-            .bind(&payloads)
-            .bind(&headers)
-            .bind(&ids)
-            .bind(self.notify_channel.as_deref())
-            .fetch_one(conn)
-            .await?;
+        let staged: u64 = match &self.notify_channel {
+            None => sqlx::query(&self.insert_sql)
+                .bind(&streams)
+                .bind(&topics)
+                .bind(&keys)
+                .bind(&payloads)
+                .bind(&headers)
+                .bind(&ids)
+                .execute(conn)
+                .await?
+                .rows_affected(),
+            Some(channel) => {
+                let (staged, _notified): (i64, i64) = sqlx::query_as(&self.insert_notify_sql)
+                    .bind(&streams)
+                    .bind(&topics)
+                    .bind(&keys)
+                    .bind(&payloads)
+                    .bind(&headers)
+                    .bind(&ids)
+                    .bind(channel)
+                    .fetch_one(conn)
+                    .await?;
+                u64::try_from(staged).unwrap_or(0)
+            }
+        };
         if usize::try_from(staged).ok() != Some(n) {
             return Err(Error::InvalidEvent(
                 format!("staged {staged} of {n} events").into(),
