@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
 use super::handler::{BatchHandler, Handler, HandlerError, Tx};
 use super::sql::Statements;
@@ -127,29 +127,30 @@ async fn try_apply(
 
     let ids: Vec<&str> = chunk.iter().map(|m| m.event_id.as_str()).collect();
     let offsets: Vec<i64> = chunk.iter().map(|m| m.offset).collect();
+    let insert = |sql| {
+        sqlx::query(sql)
+            .bind(ctx.group)
+            .bind(&ids)
+            .bind(&*pos.topic)
+            .bind(pos.partition)
+            .bind(&offsets)
+    };
     let run: Vec<usize> = match dedupe {
         Dedupe::Optimistic => {
-            sqlx::query(&ctx.sql.insert_new_processed)
-                .bind(ctx.group)
-                .bind(&ids)
-                .bind(&*pos.topic)
-                .bind(pos.partition)
-                .bind(&offsets)
+            insert(&ctx.sql.insert_new_processed)
                 .execute(&mut *tx)
                 .await?;
             (0..chunk.len()).collect()
         }
         Dedupe::Checked => {
-            let fresh: Vec<String> = sqlx::query_scalar(&ctx.sql.insert_processed)
-                .bind(ctx.group)
-                .bind(&ids)
-                .bind(&*pos.topic)
-                .bind(pos.partition)
-                .bind(&offsets)
+            let mut fresh = HashSet::new();
+            for row in insert(&ctx.sql.insert_processed)
                 .fetch_all(&mut *tx)
-                .await?;
+                .await?
+            {
+                fresh.insert(row.try_get::<String, _>(0)?);
+            }
             // First occurrence of each fresh id runs; the rest are duplicates.
-            let mut fresh: HashSet<String> = fresh.into_iter().collect();
             (0..chunk.len())
                 .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
                 .collect()

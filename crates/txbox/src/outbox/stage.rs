@@ -1,6 +1,6 @@
 //! Writing events into the outbox table.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::{stream_for_key, OutboxEvent};
@@ -129,29 +129,26 @@ impl Outbox {
             payloads.push(e.payload);
         }
         crate::crash_point!("outbox.before_stage");
-        let staged: u64 = match &self.notify_channel {
-            None => sqlx::query(&self.insert_sql)
+        let insert = |sql| {
+            sqlx::query(sql)
                 .bind(&streams)
                 .bind(&topics)
                 .bind(&keys)
                 .bind(&payloads)
                 .bind(&headers)
                 .bind(&ids)
+        };
+        let staged: u64 = match &self.notify_channel {
+            None => insert(&self.insert_sql)
                 .execute(conn)
                 .await?
                 .rows_affected(),
             Some(channel) => {
-                let (staged, _notified): (i64, i64) = sqlx::query_as(&self.insert_notify_sql)
-                    .bind(&streams)
-                    .bind(&topics)
-                    .bind(&keys)
-                    .bind(&payloads)
-                    .bind(&headers)
-                    .bind(&ids)
+                let row = insert(&self.insert_notify_sql)
                     .bind(channel)
                     .fetch_one(conn)
                     .await?;
-                u64::try_from(staged).unwrap_or(0)
+                u64::try_from(row.try_get::<i64, _>("staged")?).unwrap_or(0)
             }
         };
         if usize::try_from(staged).ok() != Some(n) {
