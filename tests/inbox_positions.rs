@@ -189,4 +189,10 @@ async fn a_reset_of_positions_never_stored_is_a_typed_error() {
         .await
         .expect_err("negative offset");
     assert!(matches!(err, txbox::Error::Config(_)), "{err:?}");
+    let err = PositionReset::new(Schema::default(), &group, "t", ResetTo::Offset(0))
+        .partitions([])
+        .apply(db.pool())
+        .await
+        .expect_err("empty selection");
+    assert!(matches!(err, txbox::Error::Config(_)), "{err:?}");
 }

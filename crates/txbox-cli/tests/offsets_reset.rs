@@ -76,6 +76,20 @@ async fn offsets_reset_previews_then_executes_and_refuses_unknown_partitions() {
     );
     assert_eq!(positions(&db).await, vec![(0, 10, 4), (1, 7, 1)]);
 
+    // A shift past the largest offset saturates instead of failing.
+    let far = reset(
+        &db,
+        &[
+            "--partition",
+            "1",
+            "--shift-by",
+            "9223372036854775807",
+            "--execute",
+        ],
+    );
+    assert!(far.status.success(), "{far:?}");
+    assert_eq!(positions(&db).await, vec![(0, 10, 4), (1, i64::MAX, 2)]);
+
     let neither = reset(&db, &[]);
     assert!(!neither.status.success(), "needs --to-offset or --shift-by");
 }

@@ -82,8 +82,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// Applies `chunk` (one partition, ascending offsets, all at or above
-/// `pos.next_offset`) in one transaction. An `Optimistic` attempt that meets
-/// an id seen before is rolled back and redone `Checked`.
+/// `pos.next_offset`) in one transaction.
 pub(crate) async fn apply(
     ctx: Ctx<'_>,
     route: &Route,
@@ -92,21 +91,8 @@ pub(crate) async fn apply(
     dedupe: Dedupe,
 ) -> Attempt {
     match try_apply(ctx, route, pos, chunk, dedupe).await {
-        Err(Attempt::Db(e)) if dedupe == Dedupe::Optimistic && is_dedupe_conflict(&e) => {
-            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
-            match try_apply(ctx, route, pos, chunk, Dedupe::Checked).await {
-                Ok(a) | Err(a) => a,
-            }
-        }
         Ok(a) | Err(a) => a,
     }
-}
-
-/// A unique violation on the processed ids' key: the batch holds an id seen
-/// before (or twice).
-fn is_dedupe_conflict(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation() && d.constraint() == Some("inbox_processed_pkey"))
 }
 
 async fn try_apply(
@@ -125,36 +111,17 @@ async fn try_apply(
     let mut tx = ctx.pool.begin().await?;
     crate::crash_point!("inbox.before_business_write");
 
-    let ids: Vec<&str> = chunk.iter().map(|m| m.event_id.as_str()).collect();
-    let offsets: Vec<i64> = chunk.iter().map(|m| m.offset).collect();
-    let insert = |sql| {
-        sqlx::query(sql)
-            .bind(ctx.group)
-            .bind(&ids)
-            .bind(&*pos.topic)
-            .bind(pos.partition)
-            .bind(&offsets)
-    };
-    let run: Vec<usize> = match dedupe {
-        Dedupe::Optimistic => {
-            insert(&ctx.sql.insert_new_processed)
-                .execute(&mut *tx)
-                .await?;
-            (0..chunk.len()).collect()
+    let run = match record_ids(&mut tx, ctx, pos, chunk, dedupe).await {
+        Ok(run) => run,
+        // Only the plain insert of the ids ran: the batch holds an id seen
+        // before (or twice). Nothing else happened; start over, checked.
+        Err(e) if dedupe == Dedupe::Optimistic && is_unique_violation(&e) => {
+            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
+            tx.rollback().await?;
+            tx = ctx.pool.begin().await?;
+            record_ids(&mut tx, ctx, pos, chunk, Dedupe::Checked).await?
         }
-        Dedupe::Checked => {
-            let mut fresh = HashSet::new();
-            for row in insert(&ctx.sql.insert_processed)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                fresh.insert(row.try_get::<String, _>(0)?);
-            }
-            // First occurrence of each fresh id runs; the rest are duplicates.
-            (0..chunk.len())
-                .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
-                .collect()
-        }
+        Err(e) => return Err(e.into()),
     };
 
     if !run.is_empty() {
@@ -171,6 +138,53 @@ async fn try_apply(
         applied: run.len(),
         duplicates: chunk.len() - run.len(),
     })
+}
+
+/// Records the chunk's event ids as processed; returns the indexes of the
+/// messages whose handler runs (every one, when `Optimistic` succeeds).
+async fn record_ids(
+    tx: &mut Tx,
+    ctx: Ctx<'_>,
+    pos: &Position,
+    chunk: &[InboxMessage],
+    dedupe: Dedupe,
+) -> Result<Vec<usize>, sqlx::Error> {
+    let ids: Vec<&str> = chunk.iter().map(|m| m.event_id.as_str()).collect();
+    let offsets: Vec<i64> = chunk.iter().map(|m| m.offset).collect();
+    let insert = |sql| {
+        sqlx::query(sql)
+            .bind(ctx.group)
+            .bind(&ids)
+            .bind(&*pos.topic)
+            .bind(pos.partition)
+            .bind(&offsets)
+    };
+    match dedupe {
+        Dedupe::Optimistic => {
+            insert(&ctx.sql.insert_new_processed)
+                .execute(&mut **tx)
+                .await?;
+            Ok((0..chunk.len()).collect())
+        }
+        Dedupe::Checked => {
+            let mut fresh = HashSet::new();
+            for row in insert(&ctx.sql.insert_processed)
+                .fetch_all(&mut **tx)
+                .await?
+            {
+                fresh.insert(row.try_get::<String, _>(0)?);
+            }
+            // First occurrence of each fresh id runs; the rest are duplicates.
+            Ok((0..chunk.len())
+                .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
+                .collect())
+        }
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
 }
 
 async fn run_handler(

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::commit::{self, Attempt, Ctx, Dedupe, Failure, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
+use super::message::position_id;
 use super::runtime::Shared;
 use super::InboxMessage;
 use crate::db::is_transient;
@@ -106,6 +107,9 @@ impl PartitionWorker {
     /// offset goes backwards (Kafka rewound the partition) ends the batch and
     /// opens the next one.
     async fn next_batch(&mut self) -> Option<Vec<InboxMessage>> {
+        if self.cancel.is_cancelled() {
+            return None;
+        }
         let mut received = 0usize;
         let first = match self.held.take() {
             Some(m) => m,
@@ -176,8 +180,18 @@ impl PartitionWorker {
         metrics::counter!("txbox_inbox_rewinds_total").increment(1);
         tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
             expected, delivered = first, stored = self.pos.next_offset,
-            "Kafka rewound the partition: its log was recreated or truncated; \
-             moving the stored position back to follow it");
+            "Kafka rewound the partition (auto.offset.reset): its log was recreated or \
+             truncated, or the position was set past its end; moving the stored position \
+             back to follow it (event ids already processed are still skipped)");
+        if batch
+            .first()
+            .is_some_and(|m| m.event_id == position_id(&m.topic, m.partition, m.offset))
+        {
+            tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+                "this partition's event ids are its positions (no id header or extractor): \
+                 messages of the new log at offsets the old log used will be skipped as \
+                 already processed");
+        }
         self.bookkeep(Bookkeeping::Reposition(first)).await?;
         Ok(())
     }
@@ -347,6 +361,9 @@ impl PartitionWorker {
     async fn bookkeep(&mut self, op: Bookkeeping<'_>) -> Result<bool, Stop> {
         let mut db_failures = 0u32;
         loop {
+            if self.cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
             if op.done(self.pos.next_offset) {
                 return Ok(false);
             }

@@ -44,8 +44,14 @@ pub struct PositionChange {
 /// group's consumers first.
 ///
 /// Replaying is safe: event ids already processed are skipped, so a replay
-/// changes nothing unless the dedupe window has expired. The `txbox offsets
+/// changes nothing unless the dedupe window has expired. A position past
+/// the end of the log is out of range for Kafka: the consumer then follows
+/// `auto.offset.reset` (`earliest` by default, so the retained log is read
+/// again through dedupe), as after a recreated topic. The `txbox offsets
 /// reset` command wraps this.
+///
+/// [`preview`](Self::preview) runs the same statement and rolls it back: it
+/// holds the rows' locks for that moment, as a commit would.
 ///
 /// # Examples
 ///
@@ -89,7 +95,7 @@ impl PositionReset {
         }
     }
 
-    /// Only these partitions. Each must have a stored position.
+    /// Only these partitions (not empty). Each must have a stored position.
     #[must_use]
     pub fn partitions(mut self, partitions: impl IntoIterator<Item = i32>) -> Self {
         self.partitions = Some(partitions.into_iter().collect());
@@ -128,6 +134,9 @@ impl PositionReset {
             ResetTo::Offset(o) => (true, o),
             ResetTo::Shift(n) => (false, n),
         };
+        if self.partitions.as_ref().is_some_and(Vec::is_empty) {
+            return Err(Error::config("reset: the partition list is empty"));
+        }
         let offsets = self.schema.table("inbox_offsets");
         let rows: Vec<(i32, i64, i64, Option<String>)> = sqlx::query_as(&format!(
             "WITH target AS (
@@ -137,7 +146,8 @@ impl PositionReset {
                  FOR UPDATE
              )
              UPDATE {offsets} AS o
-             SET next_offset = GREATEST(0, CASE WHEN $4 THEN $5 ELSE t.next_offset + $5 END),
+             SET next_offset = CASE WHEN $4 THEN $5
+                 ELSE GREATEST(0, LEAST(9223372036854775807, t.next_offset::numeric + $5))::int8 END,
                  epoch = o.epoch + 1, owner = NULL, updated_at = now()
              FROM target t
              WHERE o.consumer_group = t.consumer_group AND o.topic = t.topic
