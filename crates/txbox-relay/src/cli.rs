@@ -2,9 +2,11 @@
 //! and tests can embed it.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -76,6 +78,10 @@ pub struct Cli {
     /// Warn when a transaction this old holds publishing back [default: 30s].
     #[arg(long, env = "TXBOX_HOLD_BACK_WARN", value_parser = parse_duration, value_name = "DURATION")]
     pub hold_back_warn: Option<Duration>,
+    /// Serve Prometheus metrics on this address (GET, any path), e.g.
+    /// 0.0.0.0:9187 [default: no endpoint].
+    #[arg(long, env = "TXBOX_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Extra librdkafka option key=value (repeatable; in the environment
     /// separated by `;`, since values may contain commas).
     #[arg(
@@ -109,6 +115,7 @@ impl Cli {
             prune_batch: self.prune_batch,
             prune_interval: self.prune_interval,
             hold_back_warn: self.hold_back_warn,
+            metrics_listen: self.metrics_listen,
             kafka: self.kafka_options.clone(),
         }
     }
@@ -161,6 +168,9 @@ where
     let _failpoints = fail::FailScenario::setup();
     let config = cli.resolve()?;
     tracing::info!(config = ?config, "configuration");
+    if let Some(addr) = config.metrics_listen {
+        serve_metrics(addr)?;
+    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let report = crate::run(config, shutdown).await?;
@@ -169,6 +179,16 @@ where
         dead_lettered = report.dead_lettered(),
         "relay stopped"
     );
+    Ok(())
+}
+
+/// Installs the Prometheus recorder and its scrape endpoint on `addr`.
+fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics");
     Ok(())
 }
 

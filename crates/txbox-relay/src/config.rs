@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -89,6 +90,7 @@ impl fmt::Display for OnReject {
 /// | `prune_batch` | `1000` | rows deleted per prune statement |
 /// | `prune_interval` | `5s` | pause between prune rounds |
 /// | `hold_back_warn` | `30s` | warn when a transaction this old holds the relay back |
+/// | `metrics_listen` | (none) | `txbox-relay` serves Prometheus metrics on this address |
 /// | `kafka` | `{}` | extra librdkafka options, passed through |
 ///
 /// # Examples
@@ -152,6 +154,11 @@ pub struct RelayConfig {
     /// held back.
     #[serde(deserialize_with = "duration::deserialize")]
     pub hold_back_warn: Duration,
+    /// Where the `txbox-relay` binary serves its metrics for Prometheus
+    /// (`GET` on any path), e.g. `0.0.0.0:9187`. Unset: no endpoint.
+    /// [`run`](crate::run) itself installs nothing: a program embedding the
+    /// relay installs its own `metrics` recorder.
+    pub metrics_listen: Option<SocketAddr>,
     /// Extra librdkafka options (`security.protocol`, `sasl.*`, ...). They
     /// override the relay's own settings except the ones its guarantees rest
     /// on (`transactional.id`, `enable.idempotence`, `acks`,
@@ -179,6 +186,7 @@ impl Default for RelayConfig {
             prune_batch: 1000,
             prune_interval: Duration::from_secs(5),
             hold_back_warn: Duration::from_secs(30),
+            metrics_listen: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -207,6 +215,7 @@ pub struct ConfigOverrides {
     pub prune_batch: Option<i64>,
     pub prune_interval: Option<Duration>,
     pub hold_back_warn: Option<Duration>,
+    pub metrics_listen: Option<SocketAddr>,
     pub kafka: Vec<(String, String)>,
 }
 
@@ -284,6 +293,9 @@ impl RelayConfig {
             prune_interval,
             hold_back_warn
         );
+        if o.metrics_listen.is_some() {
+            c.metrics_listen = o.metrics_listen;
+        }
         for (k, v) in o.kafka {
             c.kafka.insert(k, v);
         }
@@ -469,6 +481,7 @@ impl fmt::Debug for RelayConfig {
             .field("prune_batch", &self.prune_batch)
             .field("prune_interval", &self.prune_interval)
             .field("hold_back_warn", &self.hold_back_warn)
+            .field("metrics_listen", &self.metrics_listen)
             .field("kafka", &kafka)
             .finish()
     }
