@@ -37,24 +37,20 @@ async fn crash_and_restart(point: &str) -> Tally {
     let instance = unique_name("crash");
     let position_topic = unique_name("positions");
     let batch = BATCH.to_string();
-    let args = [
-        "--database-url",
-        db.url(),
-        "--brokers",
+    let args = binary_args(
+        &db,
         broker.bootstrap(),
-        "--mode",
-        "at-least-once",
-        "--batch-size",
-        &batch,
-        "--poll-interval",
-        "50ms",
-        "--lease-ttl",
-        "3s",
-        "--instance",
-        &instance,
-        "--position-topic",
-        &position_topic,
-    ];
+        &[
+            "--batch-size",
+            &batch,
+            "--lease-ttl",
+            "3s",
+            "--instance",
+            &instance,
+            "--position-topic",
+            &position_topic,
+        ],
+    );
     let spec = format!("{point}=2*off->return");
     let mut first = Child::spawn(bin, &args, &[("FAILPOINTS", &spec), ("RUST_LOG", "info")]);
     first.kill_at(point, Duration::from_secs(60)).await;

@@ -57,18 +57,7 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut relay = Child::spawn(
         relay_bin(),
-        &[
-            "--database-url",
-            db.url(),
-            "--brokers",
-            broker.bootstrap(),
-            "--mode",
-            "at-least-once",
-            "--poll-interval",
-            "50ms",
-            "--metrics-listen",
-            &addr,
-        ],
+        &binary_args(&db, broker.bootstrap(), &["--metrics-listen", &addr]),
         &[],
     );
     drained(db.pool(), Duration::from_secs(60)).await;

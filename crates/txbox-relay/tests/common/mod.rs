@@ -226,3 +226,20 @@ pub async fn relay_row(pool: &PgPool) -> (Option<String>, i64, i64, i64) {
     .unwrap()
     .unwrap_or((None, 0, 0, 0))
 }
+
+/// Command-line arguments for the `txbox-relay` binary: at-least-once mode
+/// against `bootstrap`, polling every 50 ms, then `extra`.
+pub fn binary_args<'a>(db: &'a TestDb, bootstrap: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--database-url",
+        db.url(),
+        "--brokers",
+        bootstrap,
+        "--mode",
+        "at-least-once",
+        "--poll-interval",
+        "50ms",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
