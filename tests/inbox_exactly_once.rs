@@ -5,17 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use txbox::inbox::{Inbox, InboxBuilder};
+use txbox::inbox::Inbox;
 use txbox::{Outbox, Schema};
 use txbox_testkit::{kafka, tansu, unique_name, TestDb};
-use txbox_tests::{consumed, wait_consumed, Bank, BatchBank, RunningInbox};
-
-fn bank_inbox(db: &TestDb, bootstrap: &str, group: &str, topic: &str) -> InboxBuilder {
-    Inbox::builder(db.pool().clone())
-        .brokers(bootstrap)
-        .group_id(group)
-        .handler(topic, Bank::new(Outbox::new(Schema::default())))
-}
+use txbox_tests::{bank_inbox, consumed, wait_consumed, Bank, BatchBank, RunningInbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_applied_once_and_offsets_live_in_postgres() {
@@ -28,8 +21,9 @@ async fn every_message_applied_once_and_offsets_live_in_postgres() {
     let deposits = Bank::deposits(600, 25);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox =
-        RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic).batch_size(50));
+    let inbox = RunningInbox::start(
+        bank_inbox(db.pool(), broker.bootstrap(), &group, &topic).batch_size(50),
+    );
     assert!(
         Bank::wait_processed(db.pool(), &group, 600, Duration::from_secs(60)).await,
         "all processed"
@@ -77,7 +71,7 @@ async fn replays_change_nothing() {
     let deposits = Bank::deposits(200, 10);
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
+    let inbox = RunningInbox::start(bank_inbox(db.pool(), broker.bootstrap(), &group, &topic));
     assert!(Bank::wait_processed(db.pool(), &group, 200, Duration::from_secs(60)).await);
     inbox.stop().await;
     let before: Vec<(String, i64)> = sqlx::query_as("SELECT id, balance FROM account ORDER BY id")
@@ -94,7 +88,7 @@ async fn replays_change_nothing() {
     // 2. Republish the same events (same ce_id) under new offsets.
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
-    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
+    let inbox = RunningInbox::start(bank_inbox(db.pool(), broker.bootstrap(), &group, &topic));
     // The rewound log now holds 400 records; wait until the group is past all.
     assert!(
         wait_consumed(db.pool(), &group, 400, Duration::from_secs(60)).await,
@@ -127,7 +121,7 @@ async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&seen)).await;
     let inbox = || {
         RunningInbox::start(
-            bank_inbox(&db, broker.bootstrap(), &group, &topic)
+            bank_inbox(db.pool(), broker.bootstrap(), &group, &topic)
                 .batch_size(100)
                 .linger(Duration::from_millis(500)),
         )
@@ -265,7 +259,7 @@ async fn positions_can_be_mirrored_to_kafka_for_lag_tools() {
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
     let inbox = RunningInbox::start(
-        bank_inbox(&db, broker.bootstrap(), &group, &topic)
+        bank_inbox(db.pool(), broker.bootstrap(), &group, &topic)
             .mirror_offsets_to_kafka(Duration::from_millis(100)),
     );
     assert!(Bank::wait_processed(db.pool(), &group, 100, Duration::from_secs(60)).await);

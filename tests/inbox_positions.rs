@@ -5,45 +5,12 @@
 
 use std::time::Duration;
 
-use txbox::inbox::{Inbox, InboxBuilder, PositionChange, PositionReset, ResetTo};
-use txbox::{Outbox, Schema};
+use txbox::inbox::{PositionChange, PositionReset, ResetTo};
+use txbox::Schema;
 use txbox_testkit::{kafka, tansu, unique_name, MockKafka, TestDb};
-use txbox_tests::{Bank, RunningInbox};
-
-fn bank_inbox(db: &TestDb, bootstrap: &str, group: &str, topic: &str) -> InboxBuilder {
-    Inbox::builder(db.pool().clone())
-        .brokers(bootstrap)
-        .group_id(group)
-        .handler(topic, Bank::new(Outbox::new(Schema::default())))
-}
-
-/// (partition, next_offset, epoch) rows of `group`.
-async fn positions(db: &TestDb, group: &str) -> Vec<(i32, i64, i64)> {
-    sqlx::query_as(
-        "SELECT partition, next_offset, epoch FROM txbox.inbox_offsets
-         WHERE consumer_group = $1 ORDER BY partition",
-    )
-    .bind(group)
-    .fetch_all(db.pool())
-    .await
-    .expect("positions")
-}
-
-/// Waits until `partition` of `group` is stored at `next_offset`.
-async fn wait_position(db: &TestDb, group: &str, partition: i32, next_offset: i64) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while tokio::time::Instant::now() < deadline {
-        if positions(db, group)
-            .await
-            .iter()
-            .any(|p| p.0 == partition && p.1 == next_offset)
-        {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
+use txbox_tests::{
+    bank_inbox, positions, recreated_topic_drill, wait_position, Bank, RunningInbox,
+};
 
 /// The topic is deleted and created again while the group is stopped: its
 /// log restarts at offset 0, below the stored position. Runs on librdkafka's
@@ -57,42 +24,14 @@ async fn a_recreated_topic_is_applied_from_its_start_not_skipped() {
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = unique_name("recreated");
-    let group = unique_name("bank");
-    let old = Bank::deposits(30, 5);
-    {
-        let first = MockKafka::new(1);
-        first.create_topic(&topic, 1);
-        kafka::produce(&first.bootstrap(), &topic, Bank::records(&old)).await;
-        let inbox = RunningInbox::start(bank_inbox(&db, &first.bootstrap(), &group, &topic));
-        assert!(
-            wait_position(&db, &group, 0, 30).await,
-            "first log consumed"
-        );
-        inbox.stop().await;
-    }
-
-    // The new log: 10 new deposits, then 5 of the old ones published again
-    // (same event ids), at offsets 0 to 14.
-    let recreated = MockKafka::new(1);
-    recreated.create_topic(&topic, 1);
-    let new = Bank::deposits(10, 5);
-    let mut records = Bank::records(&new);
-    records.extend(Bank::records(&old[..5]));
-    kafka::produce(&recreated.bootstrap(), &topic, records).await;
-
-    let inbox = RunningInbox::start(bank_inbox(&db, &recreated.bootstrap(), &group, &topic));
-    // Skipping the new log as "already consumed" would leave the position
-    // at 30 and the new deposits unapplied.
-    assert!(
-        wait_position(&db, &group, 0, 15).await,
-        "the position follows the new log to its end: {:?}",
-        positions(&db, &group).await
-    );
-    inbox.stop().await;
-
-    let all: Vec<_> = old.into_iter().chain(new).collect();
-    let problems = Bank::check_exactly_once(db.pool(), &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    let (first, recreated) = (MockKafka::new(1), MockKafka::new(1));
+    first.create_topic(&topic, 1);
+    recreated_topic_drill(db.pool(), &first.bootstrap(), &topic, async || {
+        drop(first);
+        recreated.create_topic(&topic, 1);
+        recreated.bootstrap()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -109,9 +48,12 @@ async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() 
     let (p0, p1) = (on(0, &placed), on(1, &placed));
     assert!(p0 > 0 && p1 > 0, "deposits on both partitions");
 
-    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
-    assert!(wait_position(&db, &group, 0, p0).await && wait_position(&db, &group, 1, p1).await);
-    let before = positions(&db, &group).await;
+    let inbox = RunningInbox::start(bank_inbox(db.pool(), broker.bootstrap(), &group, &topic));
+    assert!(
+        wait_position(db.pool(), &group, 0, p0).await
+            && wait_position(db.pool(), &group, 1, p1).await
+    );
+    let before = positions(db.pool(), &group).await;
 
     // A preview changes nothing.
     let reset =
@@ -123,7 +65,7 @@ async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() 
         (0, p0, 0)
     );
     assert_eq!(
-        positions(&db, &group).await,
+        positions(db.pool(), &group).await,
         before,
         "preview changed nothing"
     );
@@ -132,7 +74,7 @@ async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() 
     let applied: Vec<PositionChange> = reset.apply(db.pool()).await.expect("apply");
     assert_eq!(applied, preview);
     assert!(applied[0].fenced_owner.is_some(), "the owner is reported");
-    let after = positions(&db, &group).await;
+    let after = positions(db.pool(), &group).await;
     assert_eq!(
         (after[0].1, after[0].2),
         (0, before[0].2 + 1),
@@ -148,12 +90,12 @@ async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() 
     let (q0, q1) = (on(0, &placed), on(1, &placed));
     assert!(q0 > 0 && q1 > 0, "deposits on both partitions");
     assert!(
-        wait_position(&db, &group, 1, p1 + q1).await,
+        wait_position(db.pool(), &group, 1, p1 + q1).await,
         "partition 1 goes on"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        positions(&db, &group).await[0].1,
+        positions(db.pool(), &group).await[0].1,
         0,
         "a fenced owner committed on partition 0"
     );
@@ -161,9 +103,9 @@ async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() 
 
     // Restarted, the group replays partition 0 from 0: the first deposits
     // are skipped as processed, the new ones applied once.
-    let inbox = RunningInbox::start(bank_inbox(&db, broker.bootstrap(), &group, &topic));
+    let inbox = RunningInbox::start(bank_inbox(db.pool(), broker.bootstrap(), &group, &topic));
     assert!(
-        wait_position(&db, &group, 0, p0 + q0).await,
+        wait_position(db.pool(), &group, 0, p0 + q0).await,
         "replayed to the end"
     );
     inbox.stop().await;

@@ -326,3 +326,86 @@ pub async fn wait_consumed(pool: &PgPool, group: &str, want: i64, timeout: Durat
     }
     false
 }
+
+/// An inbox for `group` on `topic` whose handler is a [`Bank`] staging into
+/// the default schema's outbox.
+pub fn bank_inbox(pool: &PgPool, bootstrap: &str, group: &str, topic: &str) -> InboxBuilder {
+    txbox::inbox::Inbox::builder(pool.clone())
+        .brokers(bootstrap)
+        .group_id(group)
+        .handler(topic, Bank::new(Outbox::new(txbox::Schema::default())))
+}
+
+/// `(partition, next_offset, epoch)` of each stored position of `group`.
+pub async fn positions(pool: &PgPool, group: &str) -> Vec<(i32, i64, i64)> {
+    sqlx::query_as(
+        "SELECT partition, next_offset, epoch FROM txbox.inbox_offsets
+         WHERE consumer_group = $1 ORDER BY partition",
+    )
+    .bind(group)
+    .fetch_all(pool)
+    .await
+    .expect("positions")
+}
+
+/// Waits up to 60 s until `partition` of `group` is stored at
+/// `next_offset`. Returns false on timeout.
+pub async fn wait_position(pool: &PgPool, group: &str, partition: i32, next_offset: i64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if positions(pool, group)
+            .await
+            .iter()
+            .any(|p| p.0 == partition && p.1 == next_offset)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A one-partition `topic` at `before` is consumed (30 deposits), then
+/// `recreate` deletes it and creates it again, returning where it now is.
+/// Its new log holds 10 new deposits and 5 of the old ones published again
+/// (same event ids), at offsets 0 to 14, below the stored position 30. The
+/// inbox must follow the new log to its end and apply the new deposits
+/// once, the republished ones not again. Needs [`Bank::setup`] done.
+///
+/// # Panics
+/// On any violation.
+pub async fn recreated_topic_drill(
+    pool: &PgPool,
+    before: &str,
+    topic: &str,
+    recreate: impl AsyncFnOnce() -> String,
+) {
+    let group = txbox_testkit::unique_name("bank");
+    let old = Bank::deposits(30, 5);
+    txbox_testkit::kafka::produce(before, topic, Bank::records(&old)).await;
+    let inbox = RunningInbox::start(bank_inbox(pool, before, &group, topic));
+    assert!(
+        wait_position(pool, &group, 0, 30).await,
+        "first log consumed"
+    );
+    inbox.stop().await;
+
+    let after = recreate().await;
+    let new = Bank::deposits(10, 5);
+    let mut records = Bank::records(&new);
+    records.extend(Bank::records(&old[..5]));
+    txbox_testkit::kafka::produce(&after, topic, records).await;
+
+    let inbox = RunningInbox::start(bank_inbox(pool, &after, &group, topic));
+    // Skipping the new log as "already consumed" would leave the position
+    // at 30 and the new deposits unapplied.
+    assert!(
+        wait_position(pool, &group, 0, 15).await,
+        "the position follows the new log to its end: {:?}",
+        positions(pool, &group).await
+    );
+    inbox.stop().await;
+    let all: Vec<_> = old.into_iter().chain(new).collect();
+    let problems = Bank::check_exactly_once(pool, &all).await;
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -119,6 +119,54 @@ impl Broker {
         create_topic(&self.bootstrap, name, partitions).await;
     }
 
+    /// Deletes a topic and waits until metadata no longer lists it, so a
+    /// topic of the same name can be created anew (Apache Kafka deletes
+    /// asynchronously; Tansu 0.6.0 and the mock cluster are not used for
+    /// this).
+    ///
+    /// # Panics
+    /// If the broker refuses, or still lists the topic after 60 s.
+    pub async fn delete_topic(&self, name: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("admin client");
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in admin
+            .delete_topics(&[name], &opts)
+            .await
+            .expect("delete_topics request")
+        {
+            if let Err((t, e)) = r {
+                panic!("cannot delete topic {t}: {e}");
+            }
+        }
+        let (bootstrap, name) = (self.bootstrap.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let probe: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .expect("metadata client");
+            for _ in 0..600 {
+                let listed = probe
+                    .fetch_metadata(Some(&name), Duration::from_secs(5))
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .any(|t| t.name() == name && t.error().is_none())
+                    })
+                    .unwrap_or(true);
+                if !listed {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("topic {name} still listed 60 s after deletion");
+        })
+        .await
+        .expect("metadata probe");
+    }
+
     /// A fresh uniquely named topic with `partitions` partitions.
     pub async fn topic(&self, prefix: &str, partitions: i32) -> String {
         let name = crate::unique_name(prefix);

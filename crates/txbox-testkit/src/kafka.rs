@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// A record to produce.
@@ -68,35 +68,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<
         .expect("producer");
     let mut futures = Vec::with_capacity(records.len());
     for r in &records {
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(p) = r.partition {
-            rec = rec.partition(p);
-        }
-        if let Some(k) = &r.key {
-            rec = rec.key(k.as_slice());
-        }
-        if let Some(p) = &r.payload {
-            rec = rec.payload(p.as_slice());
-        }
-        loop {
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    futures.push(f);
-                    break;
-                }
-                Err((_, back)) => {
-                    rec = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        }
+        futures.push(send(&producer, topic, r).await);
     }
     let mut out = Vec::with_capacity(futures.len());
     for f in futures {
@@ -107,6 +79,71 @@ pub async fn produce(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<
         out.push((delivery.partition, delivery.offset));
     }
     out
+}
+
+/// Produces `transactions` with a transactional producer (a fresh
+/// `transactional.id`), in order, each committed (`true`) or aborted.
+/// Needs a broker with Kafka transactions (Apache Kafka; not Tansu 0.6.0).
+///
+/// # Panics
+/// If the broker refuses any step.
+pub async fn produce_transactions(
+    bootstrap: &str,
+    topic: &str,
+    transactions: Vec<(Vec<Record>, bool)>,
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", crate::unique_name("txbox-test"))
+        .create()
+        .expect("transactional producer");
+    let timeout = Duration::from_secs(30);
+    tokio::task::block_in_place(|| producer.init_transactions(timeout)).expect("init_transactions");
+    for (records, commit) in transactions {
+        producer.begin_transaction().expect("begin_transaction");
+        for r in &records {
+            // Delivery is settled by the commit or abort below.
+            drop(send(&producer, topic, r).await);
+        }
+        tokio::task::block_in_place(|| {
+            if commit {
+                producer.commit_transaction(timeout)
+            } else {
+                producer.abort_transaction(timeout)
+            }
+        })
+        .expect("commit or abort");
+    }
+}
+
+/// Queues `r` on `producer`, waiting while its queue is full.
+async fn send(producer: &FutureProducer, topic: &str, r: &Record) -> DeliveryFuture {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &r.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(p) = r.partition {
+        rec = rec.partition(p);
+    }
+    if let Some(k) = &r.key {
+        rec = rec.key(k.as_slice());
+    }
+    if let Some(p) = &r.payload {
+        rec = rec.payload(p.as_slice());
+    }
+    loop {
+        match producer.send_result(rec) {
+            Ok(f) => return f,
+            Err((_, back)) => {
+                rec = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
 
 /// Options for [`consume_all`].
