@@ -30,8 +30,7 @@ async fn every_message_applied_once_and_offsets_live_in_postgres() {
     );
     inbox.stop().await;
 
-    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
     // Offsets: one row per partition, summing to every message consumed.
     let next: Vec<(i32, i64, i64)> = sqlx::query_as(
         "SELECT partition, next_offset, epoch FROM txbox.inbox_offsets WHERE consumer_group = $1 ORDER BY partition",
@@ -102,8 +101,7 @@ async fn replays_change_nothing() {
         .await
         .unwrap();
     assert_eq!(before, after, "business state unchanged by both replays");
-    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
 }
 
 /// The inbox inserts a batch's event ids with a plain INSERT while it sees no
@@ -152,8 +150,7 @@ async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
     );
     running.stop().await;
     let all: Vec<_> = seen.into_iter().chain(new).collect();
-    let problems = Bank::check_exactly_once(db.pool(), &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -188,8 +185,7 @@ async fn batch_handler_applies_once_and_a_consumer_restart_resumes_from_postgres
     inbox.stop().await;
 
     let all: Vec<_> = first.into_iter().chain(second).collect();
-    let problems = Bank::check_exactly_once(db.pool(), &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

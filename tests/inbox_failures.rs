@@ -121,8 +121,7 @@ async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
     let mut good = before.clone();
     good.extend(after.clone());
     good.push((format!("{topic}/0/23"), no_id));
-    let problems = Bank::check_exactly_once(db.pool(), &good).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &good).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,8 +156,7 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
         15,
         "stopped at the poison, not past it"
     );
-    let problems = Bank::check_exactly_once(db.pool(), &before).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &before).await;
     let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0);
 
@@ -169,8 +167,7 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
     h.stop().await;
     let mut all = before;
     all.extend(after);
-    let problems = Bank::check_exactly_once(db.pool(), &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -233,8 +230,7 @@ async fn database_restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
     assert_eq!(dead, 0, "an outage is not a poison message");
     let mut all = first;
     all.extend(second);
-    let problems = Bank::check_exactly_once(&pool, &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(&pool, &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -294,8 +290,7 @@ async fn database_unreachable_stalls_then_resumes_without_loss_or_duplicates() {
     h.stop().await;
     let mut all = first;
     all.extend(second);
-    let problems = Bank::check_exactly_once(db.pool(), &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &all).await;
 }
 
 /// Fails its first `n` calls with a serialization failure (SQLSTATE 40001)
@@ -349,8 +344,7 @@ async fn serialization_failures_are_retried_without_using_up_attempts() {
     h.stop().await;
     let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "40001 is transient: retried, never dead-lettered");
-    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -465,6 +459,5 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
     h.stop().await;
     let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "a killed session is not a poison message");
-    let problems = Bank::check_exactly_once(db.pool(), &deposits).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
 }

@@ -78,8 +78,7 @@ async fn kafka_committed_transactions_apply_once_and_aborted_ones_never() {
     // Balances equal the committed deposits alone; an aborted one applied
     // would show in them and as an unexpected effect.
     let committed: Vec<_> = first.into_iter().chain(last).collect();
-    let problems = Bank::check_exactly_once(db.pool(), &committed).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(db.pool(), &committed).await;
     let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
         .fetch_one(db.pool())
         .await

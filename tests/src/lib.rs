@@ -209,6 +209,15 @@ impl Bank {
         problems
     }
 
+    /// [`check_exactly_once`](Self::check_exactly_once), asserted.
+    ///
+    /// # Panics
+    /// With every violation found.
+    pub async fn assert_exactly_once(pool: &PgPool, deposits: &[(String, Deposit)]) {
+        let problems = Self::check_exactly_once(pool, deposits).await;
+        assert!(problems.is_empty(), "exactly-once violated: {problems:#?}");
+    }
+
     /// Waits until `n` event ids are recorded for `group` (processed or
     /// dead-lettered). Returns false on timeout.
     pub async fn wait_processed(pool: &PgPool, group: &str, n: i64, timeout: Duration) -> bool {
@@ -406,6 +415,5 @@ pub async fn recreated_topic_drill(
     );
     inbox.stop().await;
     let all: Vec<_> = old.into_iter().chain(new).collect();
-    let problems = Bank::check_exactly_once(pool, &all).await;
-    assert!(problems.is_empty(), "{problems:#?}");
+    Bank::assert_exactly_once(pool, &all).await;
 }

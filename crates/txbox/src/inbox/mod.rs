@@ -10,8 +10,14 @@
 //!
 //! and commits or rolls back as one. Offsets are never committed to Kafka:
 //! on assignment the consumer reads `next_offset` from Postgres and assigns
-//! there. See the crate docs and `ADR/0002` for the guarantees and their
+//! there. See the crate docs and `ADR/0001` for the guarantees and their
 //! boundaries.
+//!
+//! When a stored position is out of the log's range (a topic deleted and
+//! recreated, retention, a truncated log), Kafka moves the partition by
+//! `auto.offset.reset` and the inbox follows it, backwards too, so a new
+//! log is applied rather than skipped as consumed. To move positions on
+//! purpose (replay, skip), use [`PositionReset`] or `txbox offsets reset`.
 
 mod assignment;
 mod commit;
