@@ -136,4 +136,24 @@ async fn a_reset_of_positions_never_stored_is_a_typed_error() {
         .await
         .expect_err("empty selection");
     assert!(matches!(err, txbox::Error::Config(_)), "{err:?}");
+    let each = |pairs: &[(i32, i64)]| ResetTo::Each(pairs.iter().copied().collect());
+    let err = PositionReset::new(Schema::default(), &group, "t", each(&[(0, 3), (1, -2)]))
+        .apply(db.pool())
+        .await
+        .expect_err("negative per-partition offset");
+    assert!(matches!(err, txbox::Error::Config(_)), "{err:?}");
+    let err = PositionReset::new(Schema::default(), &group, "t", each(&[(0, 3)]))
+        .partitions([0])
+        .apply(db.pool())
+        .await
+        .expect_err("two selections");
+    assert!(matches!(err, txbox::Error::Config(_)), "{err:?}");
+    let err = PositionReset::new(Schema::default(), &group, "t", each(&[(4, 3)]))
+        .apply(db.pool())
+        .await
+        .expect_err("never stored");
+    assert!(
+        matches!(&err, txbox::Error::NoPosition { partitions, .. } if partitions == &[4]),
+        "{err:?}"
+    );
 }

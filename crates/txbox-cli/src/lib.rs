@@ -6,8 +6,10 @@
 //! txbox migrate status               list migrations and their state
 //! txbox dead-letters [--group G]     list inbox dead letters
 //! txbox offsets [--group G]          list inbox positions and epochs
-//! txbox offsets reset --group G --topic T (--to-offset N | --shift-by N)
-//!       [--partition P]... [--execute]  move positions (dry run unless --execute)
+//! txbox offsets reset --group G --topic T
+//!       (--to-offset N | --shift-by N | --to-earliest | --to-latest)
+//!       [--partition P]... [--brokers B] [--execute]
+//!                                    move positions (dry run unless --execute)
 //! txbox relay-status                 list relay streams, owners and positions
 //! ```
 //!
@@ -17,11 +19,13 @@
 #![warn(clippy::unwrap_used)]
 
 mod inspect;
+mod reset;
+
+pub use reset::ResetArgs;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sqlx::postgres::PgPoolOptions;
-use txbox::inbox::{PositionReset, ResetTo};
 use txbox::schema::MigrationState;
 use txbox::{Migrator, Schema};
 
@@ -94,36 +98,9 @@ pub enum MigrateCommand {
 /// `txbox offsets` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum OffsetsCommand {
-    /// Move a group's stored positions on a topic and fence their owners.
-    ///
-    /// Stop the group's consumers first: a consumer still running on a moved
-    /// partition is fenced and holds it, unprocessed, until it restarts or
-    /// the group rebalances. Prints the plan and changes nothing unless
-    /// `--execute` is given (as `kafka-consumer-groups --reset-offsets`).
-    Reset {
-        /// The consumer group.
-        #[arg(long)]
-        group: String,
-        /// The topic.
-        #[arg(long)]
-        topic: String,
-        /// Only this partition (repeatable; default: every stored one).
-        #[arg(long = "partition")]
-        partitions: Vec<i32>,
-        /// Move to this offset (0: the start of the log).
-        #[arg(
-            long,
-            conflicts_with = "shift_by",
-            required_unless_present = "shift_by"
-        )]
-        to_offset: Option<i64>,
-        /// Move by this many (negative: replay that many), floored at 0.
-        #[arg(long, allow_hyphen_values = true)]
-        shift_by: Option<i64>,
-        /// Apply the reset (otherwise only print it).
-        #[arg(long)]
-        execute: bool,
-    },
+    /// Move a group's stored positions on a topic and fence their owners
+    /// (a dry run unless --execute).
+    Reset(ResetArgs),
 }
 
 /// Runs one command.
@@ -186,47 +163,11 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
             inspect::offsets(&pool, &schema, group.as_deref()).await?;
         }
         Command::Offsets {
-            sub:
-                Some(OffsetsCommand::Reset {
-                    group,
-                    topic,
-                    partitions,
-                    to_offset,
-                    shift_by,
-                    execute,
-                }),
+            sub: Some(OffsetsCommand::Reset(args)),
             ..
         } => {
             migrator.verify(&pool).await?;
-            let to = match (to_offset, shift_by) {
-                (Some(o), _) => ResetTo::Offset(o),
-                (None, Some(n)) => ResetTo::Shift(n),
-                (None, None) => anyhow::bail!("give --to-offset or --shift-by"),
-            };
-            let mut reset = PositionReset::new(schema.clone(), &group, &topic, to);
-            if !partitions.is_empty() {
-                reset = reset.partitions(partitions);
-            }
-            let changes = if execute {
-                reset.apply(&pool).await?
-            } else {
-                reset.preview(&pool).await?
-            };
-            println!("group\ttopic\tpart\tfrom\tto\tfenced_owner");
-            for c in &changes {
-                println!(
-                    "{group}\t{topic}\t{}\t{}\t{}\t{}",
-                    c.partition,
-                    c.from,
-                    c.to,
-                    c.fenced_owner.as_deref().unwrap_or("")
-                );
-            }
-            if execute {
-                println!("reset {} partitions", changes.len());
-            } else {
-                println!("dry run: nothing changed; add --execute to apply");
-            }
+            reset::run(&pool, &schema, args).await?;
         }
         Command::RelayStatus => {
             migrator.verify(&pool).await?;

@@ -3,13 +3,19 @@
 
 use std::process::{Command, Output};
 
-use txbox_testkit::TestDb;
+use std::time::Duration;
+
+use txbox::rdkafka::config::ClientConfig;
+use txbox::rdkafka::consumer::{BaseConsumer, Consumer};
+use txbox_testkit::kafka::{self, Record};
+use txbox_testkit::{tansu, TestDb};
 
 fn txbox(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_txbox"))
         .args(["--database-url", db.url()])
         .args(args)
         .env_remove("TXBOX_SCHEMA")
+        .env_remove("TXBOX_KAFKA_BOOTSTRAP")
         .output()
         .expect("run txbox")
 }
@@ -92,4 +98,95 @@ async fn offsets_reset_previews_then_executes_and_refuses_unknown_partitions() {
 
     let neither = reset(&db, &[]);
     assert!(!neither.status.success(), "needs --to-offset or --shift-by");
+}
+
+/// Waits until the broker reports `ends` as the partitions' log ends (Tansu's
+/// high watermark can lag the acknowledged writes).
+async fn wait_log_ends(bootstrap: &str, topic: &str, ends: &[i64]) {
+    let (bootstrap, topic, ends) = (bootstrap.to_owned(), topic.to_owned(), ends.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("client");
+        for _ in 0..300 {
+            let now: Vec<i64> = (0..ends.len())
+                .map(|p| {
+                    client
+                        .fetch_watermarks(&topic, p as i32, Duration::from_secs(5))
+                        .map_or(-1, |w| w.1)
+                })
+                .collect();
+            if now == ends {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("log ends never reached {ends:?}");
+    })
+    .await
+    .expect("watermark wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
+    let db = TestDb::new().await;
+    let broker = tansu().await;
+    let topic = broker.topic("bounds", 2).await;
+    let records = (0..8)
+        .map(|i| Record::new(format!("m{i}")).partition(i32::from(i >= 5)))
+        .collect();
+    kafka::produce(broker.bootstrap(), &topic, records).await;
+    wait_log_ends(broker.bootstrap(), &topic, &[5, 3]).await;
+    sqlx::query(
+        "INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset, epoch)
+         VALUES ('ledger', $1, 0, 2, 1), ('ledger', $1, 1, 1, 1)",
+    )
+    .bind(&topic)
+    .execute(db.pool())
+    .await
+    .expect("seed positions");
+    let reset = |args: &[&str]| {
+        let mut all = vec!["offsets", "reset", "--group", "ledger", "--topic", &topic];
+        all.extend_from_slice(args);
+        txbox(&db, &all)
+    };
+
+    let latest = reset(&["--to-latest", "--brokers", broker.bootstrap(), "--execute"]);
+    assert!(latest.status.success(), "{latest:?}");
+    assert_eq!(positions(&db).await, vec![(0, 5, 2), (1, 3, 2)]);
+
+    let earliest = reset(&[
+        "--to-earliest",
+        "--partition",
+        "1",
+        "--brokers",
+        broker.bootstrap(),
+        "--execute",
+    ]);
+    assert!(earliest.status.success(), "{earliest:?}");
+    assert_eq!(positions(&db).await, vec![(0, 5, 2), (1, 0, 3)]);
+
+    let no_brokers = reset(&["--to-latest"]);
+    assert!(!no_brokers.status.success(), "{no_brokers:?}");
+    assert!(
+        String::from_utf8_lossy(&no_brokers.stderr).contains("--brokers"),
+        "{no_brokers:?}"
+    );
+    let unknown = reset(&[
+        "--to-latest",
+        "--partition",
+        "7",
+        "--brokers",
+        broker.bootstrap(),
+    ]);
+    assert!(
+        !unknown.status.success(),
+        "partition 7 does not exist: {unknown:?}"
+    );
+    assert_eq!(
+        positions(&db).await,
+        vec![(0, 5, 2), (1, 0, 3)],
+        "refusals change nothing"
+    );
 }

@@ -1,13 +1,15 @@
 //! Moving a consumer group's stored positions by hand: replay from an
 //! earlier offset, skip ahead, or start a recreated topic over.
 
+use std::collections::BTreeMap;
+
 use sqlx::PgPool;
 
 use crate::error::{Error, Result};
 use crate::schema::Schema;
 
 /// Where [`PositionReset`] moves each selected partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResetTo {
     /// This offset. `0` means the start of the log: when retention has
     /// removed it, the consumer starts at the oldest message retained
@@ -16,6 +18,10 @@ pub enum ResetTo {
     /// The stored position plus this many (negative: replay that many
     /// messages), never below 0.
     Shift(i64),
+    /// Each partition to its own offset, e.g. a log's start or end read
+    /// from the broker (`txbox offsets reset --to-earliest / --to-latest`).
+    /// The map's keys select the partitions.
+    Each(BTreeMap<i32, i64>),
 }
 
 /// One partition's position before and after a reset (or, for
@@ -125,18 +131,35 @@ impl PositionReset {
     }
 
     async fn execute(&self, conn: &mut sqlx::PgConnection) -> Result<Vec<PositionChange>> {
-        let (absolute, value) = match self.to {
-            ResetTo::Offset(o) if o < 0 => {
-                return Err(Error::config(format!(
-                    "reset offset must be 0 or more, not {o}"
-                )))
+        if let Some(o) = match &self.to {
+            ResetTo::Offset(o) => Some(*o),
+            ResetTo::Shift(_) => None,
+            ResetTo::Each(each) => each.values().copied().min(),
+        }
+        .filter(|o| *o < 0)
+        {
+            return Err(Error::config(format!(
+                "reset offset must be 0 or more, not {o}"
+            )));
+        }
+        let partitions: Option<Vec<i32>> = match (&self.to, &self.partitions) {
+            (ResetTo::Each(_), Some(_)) => {
+                return Err(Error::config(
+                    "reset: with per-partition offsets, the offsets select the partitions",
+                ))
             }
-            ResetTo::Offset(o) => (true, o),
-            ResetTo::Shift(n) => (false, n),
+            (ResetTo::Each(each), None) => Some(each.keys().copied().collect()),
+            (_, selected) => selected.clone(),
         };
-        if self.partitions.as_ref().is_some_and(Vec::is_empty) {
+        if partitions.as_ref().is_some_and(Vec::is_empty) {
             return Err(Error::config("reset: the partition list is empty"));
         }
+        let (mode, value, each) = match &self.to {
+            ResetTo::Offset(o) => ("offset", *o, BTreeMap::new()),
+            ResetTo::Shift(n) => ("shift", *n, BTreeMap::new()),
+            ResetTo::Each(each) => ("each", 0, each.clone()),
+        };
+        let (each_partitions, each_offsets): (Vec<i32>, Vec<i64>) = each.into_iter().unzip();
         let offsets = self.schema.table("inbox_offsets");
         let rows: Vec<(i32, i64, i64, Option<String>)> = sqlx::query_as(&format!(
             "WITH target AS (
@@ -146,8 +169,12 @@ impl PositionReset {
                  FOR UPDATE
              )
              UPDATE {offsets} AS o
-             SET next_offset = CASE WHEN $4 THEN $5
-                 ELSE GREATEST(0, LEAST(9223372036854775807, t.next_offset::numeric + $5))::int8 END,
+             SET next_offset = CASE $4::text
+                 WHEN 'offset' THEN $5
+                 WHEN 'shift' THEN
+                     GREATEST(0, LEAST(9223372036854775807, t.next_offset::numeric + $5))::int8
+                 ELSE (SELECT w.next_offset FROM unnest($6::int4[], $7::int8[]) AS w(partition, next_offset)
+                       WHERE w.partition = t.partition) END,
                  epoch = o.epoch + 1, owner = NULL, updated_at = now()
              FROM target t
              WHERE o.consumer_group = t.consumer_group AND o.topic = t.topic
@@ -156,12 +183,14 @@ impl PositionReset {
         ))
         .bind(&self.group)
         .bind(&self.topic)
-        .bind(self.partitions.as_deref())
-        .bind(absolute)
+        .bind(partitions.as_deref())
+        .bind(mode)
         .bind(value)
+        .bind(&each_partitions)
+        .bind(&each_offsets)
         .fetch_all(&mut *conn)
         .await?;
-        let missing: Vec<i32> = match &self.partitions {
+        let missing: Vec<i32> = match &partitions {
             Some(wanted) => {
                 let mut missing: Vec<i32> = wanted
                     .iter()

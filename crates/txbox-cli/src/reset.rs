@@ -1,0 +1,171 @@
+//! `txbox offsets reset`: move a group's stored positions on a topic.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{ArgGroup, Args};
+use sqlx::PgPool;
+use txbox::inbox::{PositionReset, ResetTo};
+use txbox::rdkafka::config::ClientConfig;
+use txbox::rdkafka::consumer::BaseConsumer;
+use txbox::Schema;
+
+/// Move a group's stored positions on a topic and fence their owners.
+///
+/// Stop the group's consumers first: a consumer still running on a moved
+/// partition is fenced and holds it, unprocessed, until it restarts or the
+/// group rebalances. Prints the plan and changes nothing unless `--execute`
+/// is given (as `kafka-consumer-groups --reset-offsets`).
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("target")
+        .required(true)
+        .args(["to_offset", "shift_by", "to_earliest", "to_latest"])
+))]
+pub struct ResetArgs {
+    /// The consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Only this partition (repeatable; default: every stored one).
+    #[arg(long = "partition")]
+    pub partitions: Vec<i32>,
+    /// Move to this offset.
+    #[arg(long)]
+    pub to_offset: Option<i64>,
+    /// Move by this many (negative: replay that many), floored at 0.
+    #[arg(long, allow_hyphen_values = true)]
+    pub shift_by: Option<i64>,
+    /// Move to the oldest message the log still holds (needs --brokers).
+    #[arg(long, requires = "brokers")]
+    pub to_earliest: bool,
+    /// Move to the end of the log: skip everything in it now (needs
+    /// --brokers).
+    #[arg(long, requires = "brokers")]
+    pub to_latest: bool,
+    /// Kafka bootstrap servers, to read the log's bounds.
+    #[arg(long, env = "TXBOX_KAFKA_BOOTSTRAP", value_name = "SERVERS")]
+    pub brokers: Option<String>,
+    /// Extra librdkafka option key=value for reading the bounds (security,
+    /// SASL...; repeatable).
+    #[arg(long = "kafka-option", value_parser = key_value, value_name = "KEY=VALUE")]
+    pub kafka_options: Vec<(String, String)>,
+    /// Apply the reset (otherwise only print it).
+    #[arg(long)]
+    pub execute: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// Runs `txbox offsets reset`.
+pub(crate) async fn run(pool: &PgPool, schema: &Schema, args: ResetArgs) -> anyhow::Result<()> {
+    let to = match (args.to_offset, args.shift_by) {
+        (Some(o), _) => ResetTo::Offset(o),
+        (None, Some(n)) => ResetTo::Shift(n),
+        (None, None) => ResetTo::Each(log_bounds(pool, schema, &args).await?),
+    };
+    let each = matches!(to, ResetTo::Each(_));
+    let mut reset = PositionReset::new(schema.clone(), &args.group, &args.topic, to);
+    if !each && !args.partitions.is_empty() {
+        reset = reset.partitions(args.partitions.iter().copied());
+    }
+    let changes = if args.execute {
+        reset.apply(pool).await?
+    } else {
+        reset.preview(pool).await?
+    };
+    println!("group\ttopic\tpart\tfrom\tto\tfenced_owner");
+    for c in &changes {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            args.group,
+            args.topic,
+            c.partition,
+            c.from,
+            c.to,
+            c.fenced_owner.as_deref().unwrap_or("")
+        );
+    }
+    if args.execute {
+        println!("reset {} partitions", changes.len());
+    } else {
+        println!("dry run: nothing changed; add --execute to apply");
+    }
+    Ok(())
+}
+
+/// The selected partitions' log start (`--to-earliest`) or end
+/// (`--to-latest`), read from the brokers.
+async fn log_bounds(
+    pool: &PgPool,
+    schema: &Schema,
+    args: &ResetArgs,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let partitions = if args.partitions.is_empty() {
+        stored_partitions(pool, schema, &args.group, &args.topic).await?
+    } else {
+        args.partitions.clone()
+    };
+    let brokers = args
+        .brokers
+        .clone()
+        .context("--to-earliest and --to-latest need --brokers (or TXBOX_KAFKA_BOOTSTRAP)")?;
+    let mut config = ClientConfig::new();
+    for (k, v) in &args.kafka_options {
+        config.set(k, v);
+    }
+    config.set("bootstrap.servers", &brokers);
+    let (topic, latest) = (args.topic.clone(), args.to_latest);
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().context("Kafka client")?;
+        partitions
+            .into_iter()
+            .map(|p| {
+                let (low, high) = txbox::rdkafka::consumer::Consumer::fetch_watermarks(
+                    &consumer,
+                    &topic,
+                    p,
+                    Duration::from_secs(10),
+                )
+                .with_context(|| {
+                    format!("cannot read the bounds of {topic} partition {p} from {brokers}")
+                })?;
+                Ok((p, if latest { high } else { low }))
+            })
+            .collect()
+    })
+    .await?
+}
+
+/// The partitions of `topic` with a stored position for `group`.
+async fn stored_partitions(
+    pool: &PgPool,
+    schema: &Schema,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<i32>> {
+    let partitions: Vec<i32> = sqlx::query_scalar(&format!(
+        "SELECT partition FROM {} WHERE consumer_group = $1 AND topic = $2 ORDER BY partition",
+        schema.table("inbox_offsets")
+    ))
+    .bind(group)
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    if partitions.is_empty() {
+        anyhow::bail!(txbox::Error::NoPosition {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partitions: Vec::new(),
+        });
+    }
+    Ok(partitions)
+}
