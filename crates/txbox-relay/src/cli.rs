@@ -182,12 +182,25 @@ where
     Ok(())
 }
 
-/// Installs the Prometheus recorder and its scrape endpoint on `addr`.
+/// Installs the Prometheus recorder and its scrape endpoint on `addr`. The
+/// listener is bound here (a busy address is an error at start), and served
+/// only once the recorder is installed (a program that already installed
+/// one gets an error, and the port is released).
 fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .install()
+        .build()
         .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    metrics::set_global_recorder(recorder).map_err(|_| {
+        anyhow::anyhow!(
+            "cannot serve metrics on {addr}: this process already has a metrics recorder"
+        )
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(%addr, error = ?e, "the metrics endpoint stopped");
+        }
+    });
     tracing::info!(%addr, "serving Prometheus metrics");
     Ok(())
 }

@@ -4,9 +4,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 
 /// A record to produce.
 #[derive(Debug, Clone, Default)]
@@ -102,17 +104,20 @@ pub async fn produce_transactions(
     for (records, commit) in transactions {
         producer.begin_transaction().expect("begin_transaction");
         for r in &records {
-            // Delivery is settled by the commit or abort below.
+            // Delivery is settled by the flush and the commit or abort below.
             drop(send(&producer, topic, r).await);
         }
         tokio::task::block_in_place(|| {
+            // Written before an abort too: librdkafka's abort purges records
+            // still queued in the client, which would leave nothing to abort.
+            producer.flush(timeout)?;
             if commit {
                 producer.commit_transaction(timeout)
             } else {
                 producer.abort_transaction(timeout)
             }
         })
-        .expect("commit or abort");
+        .expect("flush, then commit or abort");
     }
 }
 
@@ -138,10 +143,11 @@ async fn send(producer: &FutureProducer, topic: &str, r: &Record) -> DeliveryFut
     loop {
         match producer.send_result(rec) {
             Ok(f) => return f,
-            Err((_, back)) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 rec = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            Err((e, _)) => panic!("cannot produce to {topic}: {e}"),
         }
     }
 }
