@@ -51,18 +51,11 @@ pub struct ResetArgs {
     pub brokers: Option<String>,
     /// Extra librdkafka option key=value for reading the bounds (security,
     /// SASL...; repeatable).
-    #[arg(long = "kafka-option", value_parser = key_value, value_name = "KEY=VALUE")]
+    #[arg(long = "kafka-option", value_parser = txbox::kafka::parse_option, value_name = "KEY=VALUE")]
     pub kafka_options: Vec<(String, String)>,
     /// Apply the reset (otherwise only print it).
     #[arg(long)]
     pub execute: bool,
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 /// Runs `txbox offsets reset`.

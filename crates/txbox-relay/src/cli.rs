@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_kafka_option, ConfigOverrides, Mode, OnReject, RelayConfig};
+use crate::config::{ConfigOverrides, Mode, OnReject, RelayConfig};
 use crate::duration::parse_duration;
 
 /// Publishes committed txbox outbox rows to Kafka, in order per key,
@@ -88,7 +88,7 @@ pub struct Cli {
         long = "kafka-option",
         env = "TXBOX_KAFKA_OPTIONS",
         value_delimiter = ';',
-        value_parser = parse_kafka_option,
+        value_parser = txbox::kafka::parse_option,
         value_name = "KEY=VALUE",
         hide_env_values = true
     )]

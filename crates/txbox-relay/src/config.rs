@@ -444,14 +444,6 @@ fn deserialize_kafka_options<'de, D: Deserializer<'de>>(
         .collect())
 }
 
-/// Parses `key=value` (for `--kafka-option`).
-pub(crate) fn parse_kafka_option(text: &str) -> std::result::Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-        _ => Err(format!("kafka option {text:?} must look like key=value")),
-    }
-}
-
 impl fmt::Debug for RelayConfig {
     /// Like a derived `Debug`, with secrets (the database password and
     /// Kafka options named `*password*`, `*secret*`) replaced by `***`.
@@ -604,18 +596,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("postgres://relay:***@db/app"), "{text}");
-    }
-
-    #[test]
-    fn kafka_option_parsing() {
-        assert_eq!(
-            parse_kafka_option("linger.ms=5"),
-            Ok(("linger.ms".into(), "5".into()))
-        );
-        assert_eq!(
-            parse_kafka_option("sasl.jaas=a=b"),
-            Ok(("sasl.jaas".into(), "a=b".into()))
-        );
-        assert!(parse_kafka_option("nonsense").is_err());
     }
 }

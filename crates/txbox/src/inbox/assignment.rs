@@ -331,8 +331,7 @@ impl InboxContext {
 
     /// Partitions paused for backpressure whose queue has drained.
     pub(crate) fn drained(&self) -> Vec<Key> {
-        // Keep in step with the worker's signal (`PartitionWorker::next_batch`).
-        let low = self.shared.opts.max_buffered / 2;
+        let low = self.shared.opts.resume_at();
         let mut out = Vec::new();
         for (key, slot) in self.slots().iter_mut() {
             if slot.paused && !slot.tx.is_closed() && slot.depth.load(Ordering::Relaxed) <= low {

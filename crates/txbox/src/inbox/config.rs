@@ -83,6 +83,14 @@ pub(crate) struct Options {
     pub mirror_offsets: Option<Duration>,
 }
 
+impl Options {
+    /// Queue depth at which a partition paused for backpressure is resumed:
+    /// half of `max_buffered`.
+    pub(crate) fn resume_at(&self) -> usize {
+        self.max_buffered / 2
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

@@ -151,7 +151,7 @@ impl PartitionWorker {
             }
         }
         let before = self.depth.fetch_sub(received, Ordering::Relaxed);
-        let resume_at = opts.max_buffered / 2;
+        let resume_at = opts.resume_at();
         if before > resume_at && before.saturating_sub(received) <= resume_at {
             self.shared.drained.notify_one();
         }
@@ -167,9 +167,10 @@ impl PartitionWorker {
     /// (fenced, in its own transaction), so the new log is applied. Event-id
     /// dedupe still skips any event applied before.
     async fn follow_rewind(&mut self, batch: &[InboxMessage]) -> Result<(), Stop> {
-        let Some(first) = batch.first().map(InboxMessage::offset) else {
+        let Some(head) = batch.first() else {
             return Ok(());
         };
+        let first = head.offset;
         let expected = self
             .last_taken
             .map_or(self.pos.next_offset, |last| last + 1);
@@ -183,10 +184,7 @@ impl PartitionWorker {
             "Kafka rewound the partition (auto.offset.reset): its log was recreated or \
              truncated, or the position was set past its end; moving the stored position \
              back to follow it (event ids already processed are still skipped)");
-        if batch
-            .first()
-            .is_some_and(|m| m.event_id == position_id(&m.topic, m.partition, m.offset))
-        {
+        if head.event_id == position_id(&head.topic, head.partition, first) {
             tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
                 "this partition's event ids are its positions (no id header or extractor): \
                  messages of the new log at offsets the old log used will be skipped as \

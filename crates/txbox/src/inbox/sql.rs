@@ -26,6 +26,10 @@ impl Statements {
         let offsets = schema.table("inbox_offsets");
         let processed = schema.table("inbox_processed");
         let dead = schema.table("inbox_dead_letters");
+        let insert_new_processed = format!(
+            "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
+             SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)"
+        );
         Statements {
             select_offset: format!(
                 "SELECT epoch, next_offset FROM {offsets}
@@ -39,15 +43,11 @@ impl Statements {
                  RETURNING next_offset, epoch"
             ),
             insert_processed: format!(
-                "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
-                 SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)
+                "{insert_new_processed}
                  ON CONFLICT (consumer_group, event_id) DO NOTHING
                  RETURNING event_id"
             ),
-            insert_new_processed: format!(
-                "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
-                 SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)"
-            ),
+            insert_new_processed,
             advance: format!(
                 "UPDATE {offsets} SET next_offset = $1, updated_at = now()
                  WHERE consumer_group = $2 AND topic = $3 AND partition = $4
