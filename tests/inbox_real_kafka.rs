@@ -15,20 +15,21 @@ use std::time::Duration;
 use txbox_testkit::{kafka, real_kafka, unique_name, Broker, TestDb};
 use txbox_tests::{bank_inbox, consumed, recreated_topic_drill, Bank, RunningInbox};
 
-/// Why these tests are ignored by default: they pass only against a broker
-/// that has what they test, so without one they are reported as skipped,
-/// never as passed.
-const NEEDS_KAFKA: &str =
-    "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)";
+/// The real broker's bootstrap servers and handle, and a database with the
+/// bank's tables.
+async fn setup() -> (String, Broker, TestDb) {
+    txbox_testkit::init_tracing();
+    let bootstrap = real_kafka();
+    let broker = Broker::at(&bootstrap);
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    (bootstrap, broker, db)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)"]
 async fn kafka_a_recreated_topic_is_applied_from_its_start_not_skipped() {
-    txbox_testkit::init_tracing();
-    let bootstrap = real_kafka().expect(NEEDS_KAFKA);
-    let broker = Broker::at(&bootstrap);
-    let db = TestDb::new().await;
-    Bank::setup(db.pool()).await;
+    let (bootstrap, broker, db) = setup().await;
     let topic = broker.topic("recreated", 1).await;
     recreated_topic_drill(db.pool(), &bootstrap, &topic, async || {
         broker.delete_topic(&topic).await;
@@ -41,11 +42,7 @@ async fn kafka_a_recreated_topic_is_applied_from_its_start_not_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)"]
 async fn kafka_committed_transactions_apply_once_and_aborted_ones_never() {
-    txbox_testkit::init_tracing();
-    let bootstrap = real_kafka().expect(NEEDS_KAFKA);
-    let broker = Broker::at(&bootstrap);
-    let db = TestDb::new().await;
-    Bank::setup(db.pool()).await;
+    let (bootstrap, broker, db) = setup().await;
     let topic = broker.topic("txn-input", 1).await;
     let group = unique_name("bank");
     let (first, aborted, last) = (

@@ -60,9 +60,7 @@ async fn crash_and_restart(point: &str) -> Tally {
     let mut second = Child::spawn(bin, &args, &[("RUST_LOG", "info")]);
     drained(db.pool(), Duration::from_secs(60)).await;
     second.terminate();
-    let code = tokio::time::timeout(Duration::from_secs(20), second.wait())
-        .await
-        .expect("relay exits after SIGTERM");
+    let code = second.wait_within(Duration::from_secs(20)).await;
     assert_eq!(
         code,
         Some(0),

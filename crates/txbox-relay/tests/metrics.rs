@@ -17,15 +17,6 @@ fn relay_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_txbox-relay"))
 }
 
-/// A port nothing listens on (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `GET /metrics` over plain HTTP/1.0; the response body, if any.
 async fn scrape(addr: &str) -> Option<String> {
     let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -54,7 +45,7 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
     let broker = tansu().await;
     let topic = broker.topic("metrics", 1).await;
     stage_many(db.pool(), &topic, 30, 3, 10).await;
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", txbox_testkit::free_port());
     let mut relay = Child::spawn(
         relay_bin(),
         &binary_args(&db, broker.bootstrap(), &["--metrics-listen", &addr]),
@@ -83,9 +74,7 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
         "{text}"
     );
     relay.terminate();
-    let code = tokio::time::timeout(Duration::from_secs(30), relay.wait())
-        .await
-        .expect("exits on SIGTERM");
+    let code = relay.wait_within(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", relay.stderr());
 }
 
@@ -106,9 +95,7 @@ async fn a_busy_metrics_address_is_an_error_at_start() {
         ],
         &[],
     );
-    let code = tokio::time::timeout(Duration::from_secs(30), relay.wait())
-        .await
-        .expect("exits");
+    let code = relay.wait_within(Duration::from_secs(30)).await;
     assert_eq!(code, Some(1));
     assert!(
         relay.stderr_contains(&format!("cannot serve metrics on {addr}")),

@@ -24,16 +24,6 @@ use txbox_testkit::{real_kafka, unique_name, Broker, TestDb};
 const ROWS: usize = 500;
 const BATCH: usize = 100;
 
-/// Why these tests are ignored by default: they pass only against a broker
-/// that has what they test, so without one they are reported as skipped,
-/// never as passed. `scripts/test` runs them when `KAFKA_BOOTSTRAP` is set.
-const NEEDS_KAFKA: &str =
-    "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)";
-
-fn bootstrap() -> String {
-    real_kafka().expect(NEEDS_KAFKA)
-}
-
 struct Setup {
     db: TestDb,
     bootstrap: String,
@@ -94,7 +84,7 @@ async fn exactly_once_seen(s: &Setup) {
 }
 
 async fn crash_and_restart(point: &str) {
-    let b = bootstrap();
+    let b = real_kafka();
     let s = setup(b).await;
     let instance = unique_name("eos");
     let mut first = spawn(&s, &instance, Some(&format!("{point}=2*off->return")));
@@ -102,12 +92,7 @@ async fn crash_and_restart(point: &str) {
     let mut second = spawn(&s, &instance, None);
     drained(s.db.pool(), Duration::from_secs(60)).await;
     second.terminate();
-    assert_eq!(
-        tokio::time::timeout(Duration::from_secs(30), second.wait())
-            .await
-            .expect("exits"),
-        Some(0)
-    );
+    assert_eq!(second.wait_within(Duration::from_secs(30)).await, Some(0));
     exactly_once_seen(&s).await;
 }
 
@@ -136,7 +121,7 @@ async fn eos_killed_mid_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)"]
 async fn eos_zombie_is_fenced_by_transactional_id() {
-    let b = bootstrap();
+    let b = real_kafka();
     let s = setup(b).await;
     let mut zombie = spawn(
         &s,
@@ -163,9 +148,7 @@ async fn eos_zombie_is_fenced_by_transactional_id() {
     zombie.kill().await;
     successor.terminate();
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(30), successor.wait())
-            .await
-            .expect("exits"),
+        successor.wait_within(Duration::from_secs(30)).await,
         Some(0)
     );
 }

@@ -352,9 +352,7 @@ async fn exactly_once_is_refused_without_transactions() {
         ],
         &[],
     );
-    let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits");
+    let code = child.wait_within(Duration::from_secs(30)).await;
     assert_eq!(code, Some(1));
     assert!(
         child.stderr_contains("does not support Kafka transactions"),

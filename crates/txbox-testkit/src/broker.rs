@@ -5,7 +5,6 @@
 //! not auto-create topics, and its high watermark can lag. Tests that need
 //! those features must use [`crate::real_kafka`] or say what they prove.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -59,10 +58,7 @@ fn tansu_binary() -> PathBuf {
 }
 
 async fn start_tansu() -> Broker {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = crate::free_port();
     let url = format!("tcp://127.0.0.1:{port}");
     let bin = tansu_binary();
     // A watchdog shell ends the broker when this test process exits, even

@@ -33,13 +33,35 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", &id[..12])
 }
 
-/// The bootstrap servers of a real Apache Kafka, when `KAFKA_BOOTSTRAP` is
-/// set (for example by `docker compose up kafka`). Tests that need Kafka
-/// transactions with read_committed isolation run only then.
-pub fn real_kafka() -> Option<String> {
+/// Why a test needs [`real_kafka`]; also the text of its `#[ignore]`, so
+/// that without a broker it is reported as skipped, never as passed.
+pub const NEEDS_KAFKA: &str =
+    "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)";
+
+/// The bootstrap servers of a real Apache Kafka, from `KAFKA_BOOTSTRAP`
+/// (set for example by `docker compose up kafka`). Tests that need what only
+/// Kafka does (transactions, read_committed, fencing, topic deletion) call
+/// it; they are `#[ignore]`d, and `scripts/test` runs them when it is set.
+///
+/// # Panics
+/// With [`NEEDS_KAFKA`] when `KAFKA_BOOTSTRAP` is unset or empty.
+pub fn real_kafka() -> String {
     std::env::var("KAFKA_BOOTSTRAP")
         .ok()
         .filter(|s| !s.is_empty())
+        .expect(NEEDS_KAFKA)
+}
+
+/// A port on 127.0.0.1 that nothing listened on a moment ago (bound, then
+/// released).
+///
+/// # Panics
+/// If no port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 /// Installs a compact test log subscriber once (`RUST_LOG` filters).

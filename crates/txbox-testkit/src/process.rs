@@ -150,4 +150,18 @@ impl Child {
     pub async fn wait(&mut self) -> Option<i32> {
         self.child.wait().await.ok().and_then(|s| s.code())
     }
+
+    /// [`wait`](Self::wait), for at most `timeout`.
+    ///
+    /// # Panics
+    /// If it is still running then (with its stderr).
+    pub async fn wait_within(&mut self, timeout: Duration) -> Option<i32> {
+        match tokio::time::timeout(timeout, self.wait()).await {
+            Ok(code) => code,
+            Err(_) => panic!(
+                "still running after {timeout:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
 }

@@ -15,7 +15,6 @@
 //! as root). A watchdog stops the server and removes its directory when the
 //! test process exits, even on a panic or SIGKILL.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -64,7 +63,7 @@ impl PgServer {
                 data.display()
             );
         }
-        let port = free_port();
+        let port = crate::free_port();
         let mut server = PgServer {
             bindir,
             data,
@@ -248,13 +247,6 @@ fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn shell_quote(s: &str) -> String {
