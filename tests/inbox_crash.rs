@@ -1,13 +1,13 @@
 //! The failure drill: a consumer process is SIGKILLed at each crash window
 //! of the inbox transaction, restarted, and the final state must equal one
-//! application of every message. Real Postgres, Tansu over TCP, real
-//! processes, real SIGKILL.
+//! application of every message. Real Postgres, Apache Kafka,
+//! real processes, real SIGKILL.
 
 use std::path::Path;
 use std::time::Duration;
 
 use txbox_testkit::process::Child;
-use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_testkit::{kafka, unique_name, TestDb};
 use txbox_tests::Bank;
 
 const BIN: &str = env!("CARGO_BIN_EXE_inbox-chaos");
@@ -36,7 +36,7 @@ fn consumer(
 /// and checks exactly-once.
 async fn drill(point: &str, skip: u32) {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("drill", 2).await;
@@ -107,7 +107,7 @@ async fn kill_after_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_at_every_window_in_turn() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("drill", 3).await;

@@ -1,19 +1,19 @@
 //! The inbox applies every message once: in order per partition, with
 //! offsets in Postgres, across replays under the same and under new offsets.
-//! Real Postgres, real Kafka-protocol broker (Tansu) over TCP.
+//! Real Postgres, Apache Kafka.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use txbox::inbox::Inbox;
 use txbox::{Outbox, Schema};
-use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_testkit::{kafka, unique_name, TestDb};
 use txbox_tests::{bank_inbox, consumed, wait_consumed, Bank, BatchBank, RunningInbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_applied_once_and_offsets_live_in_postgres() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("deposits", 3).await;
@@ -62,7 +62,7 @@ async fn every_message_applied_once_and_offsets_live_in_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replays_change_nothing() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("replay", 2).await;
@@ -110,7 +110,7 @@ async fn replays_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("mixed", 1).await;
@@ -156,7 +156,7 @@ async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_handler_applies_once_and_a_consumer_restart_resumes_from_postgres() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("batch", 2).await;
@@ -230,7 +230,7 @@ async fn bad_configuration_is_a_typed_error() {
     assert!(matches!(err, txbox::Error::Kafka(_)), "{err}");
 
     // A topic that does not exist: a configuration error naming it.
-    let broker = tansu().await;
+    let broker = kafka().await;
     let missing = Inbox::builder(db.pool().clone())
         .brokers(broker.bootstrap())
         .group_id("g")
@@ -246,7 +246,7 @@ async fn bad_configuration_is_a_typed_error() {
 async fn positions_can_be_mirrored_to_kafka_for_lag_tools() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("mirror", 2).await;

@@ -12,7 +12,7 @@ use txbox::inbox::{FailureAction, Handler, HandlerError, Inbox, InboxMessage, Re
 use txbox::{Outbox, Schema};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
-use txbox_testkit::{kafka, tansu, unique_name, PgServer, TestDb};
+use txbox_testkit::{kafka, unique_name, PgServer, TestDb};
 use txbox_tests::{
     consumed, dead_letters, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS,
 };
@@ -30,7 +30,7 @@ fn fast_retry(attempts: u32) -> RetryPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("poison", 1).await;
@@ -127,7 +127,7 @@ async fn poison_messages_are_dead_lettered_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("stop", 1).await;
@@ -173,7 +173,7 @@ async fn stop_partition_policy_holds_the_poison_and_everything_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     // The shared test server cannot be stopped: this test has its own.
     let server = PgServer::start().await;
     let pool = PgPoolOptions::new()
@@ -236,7 +236,7 @@ async fn database_restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn database_unreachable_stalls_then_resumes_without_loss_or_duplicates() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("outage", 2).await;
@@ -317,7 +317,7 @@ impl Handler for Flaky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serialization_failures_are_retried_without_using_up_attempts() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("flaky", 1).await;
@@ -350,7 +350,7 @@ async fn serialization_failures_are_retried_without_using_up_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_event_ids_are_pruned_and_recent_ones_kept() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("prune", 1).await;
@@ -412,7 +412,7 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
     // test server cannot be stopped under parallel tests, so this test kills
     // every session of its own database, repeatedly, while the inbox works.
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("killed", 2).await;

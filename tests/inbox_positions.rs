@@ -1,35 +1,32 @@
 //! Stored positions moved under the inbox: a topic deleted and recreated
-//! (Kafka rewinds the partition; librdkafka's mock cluster), and an
-//! operator's position reset (replay through dedupe, with the running owner
-//! fenced; Tansu over TCP). Real Postgres.
+//! (Kafka rewinds the partition), and an operator's position reset (replay
+//! through dedupe, with the running owner fenced). Real Postgres, Apache
+//! Kafka.
 
 use std::time::Duration;
 
 use txbox::inbox::{PositionChange, PositionReset, ResetTo};
 use txbox::Schema;
-use txbox_testkit::{kafka, tansu, unique_name, MockKafka, TestDb};
+use txbox_testkit::{kafka, unique_name, TestDb};
 use txbox_tests::{
     bank_inbox, positions, recreated_topic_drill, wait_position, Bank, RunningInbox,
 };
 
 /// The topic is deleted and created again while the group is stopped: its
-/// log restarts at offset 0, below the stored position. Runs on librdkafka's
-/// mock cluster, whose broker answers a fetch past the log end with
-/// OFFSET_OUT_OF_RANGE as Kafka does (Tansu 0.6.0 answers it with an empty
-/// fetch, so Kafka never resets and nothing can be detected there). A
-/// second mock cluster with the same topic name is the recreated topic.
+/// log restarts at offset 0, below the stored position. Kafka answers the
+/// fetch past the new log's end with OFFSET_OUT_OF_RANGE, and the inbox
+/// must follow the rewind instead of skipping the new log as consumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recreated_topic_is_applied_from_its_start_not_skipped() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
-    let topic = unique_name("recreated");
-    let (first, recreated) = (MockKafka::new(1), MockKafka::new(1));
-    first.create_topic(&topic, 1);
-    recreated_topic_drill(db.pool(), &first.bootstrap(), &topic, async || {
-        drop(first);
-        recreated.create_topic(&topic, 1);
-        recreated.bootstrap()
+    let broker = kafka().await;
+    let topic = broker.topic("recreated", 1).await;
+    recreated_topic_drill(db.pool(), broker.bootstrap(), &topic, async || {
+        broker.delete_topic(&topic).await;
+        broker.create_topic(&topic, 1).await;
+        broker.bootstrap().to_owned()
     })
     .await;
 }
@@ -37,7 +34,7 @@ async fn a_recreated_topic_is_applied_from_its_start_not_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_position_reset_replays_through_dedupe_and_fences_the_running_owner() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("reset", 2).await;

@@ -1,6 +1,6 @@
 //! Zombie consumers: a consumer that lost its partition while inside a
 //! transaction cannot commit for it. Two real consumer processes in one
-//! group on Tansu; the first is frozen (SIGSTOP) inside its handler's
+//! group on Apache Kafka; the first is frozen (SIGSTOP) inside its handler's
 //! transaction until the group gives its partition to the second, then
 //! thawed: its commit must be fenced, and every message applied once.
 
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use txbox_testkit::process::Child;
-use txbox_testkit::{kafka, tansu, unique_name, TestDb};
+use txbox_testkit::{kafka, unique_name, TestDb};
 use txbox_tests::Bank;
 
 const BIN: &str = env!("CARGO_BIN_EXE_inbox-chaos");
@@ -26,7 +26,7 @@ async fn epoch(db: &TestDb, group: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_consumer_is_fenced_when_it_wakes() {
     txbox_testkit::init_tracing();
-    let broker = tansu().await;
+    let broker = kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
     let topic = broker.topic("zombie", 1).await;

@@ -77,11 +77,6 @@ pub(crate) async fn run(
             },
         )
         .batch_size(shape.batch)
-        // Room for the whole topic, so the consumer is never paused for
-        // backpressure: after a pause librdkafka refetches from the next
-        // message's offset, and Tansu 0.6.0 answers a fetch that starts
-        // inside a record batch with nothing, which would stall the run.
-        .max_buffered(n + 1)
         .build()?;
     let s = stop.clone();
     let launched = Instant::now();

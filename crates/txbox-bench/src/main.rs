@@ -29,7 +29,7 @@
 //! median line gives the medians of the rounds' figures and ratios.
 //!
 //! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
-//! `TXBOX_KAFKA_BOOTSTRAP` (a broker; `scripts/dev-up` starts Tansu).
+//! `TXBOX_KAFKA_BOOTSTRAP` (Apache Kafka; `scripts/dev-up` starts one).
 
 mod ceiling;
 mod inbox;

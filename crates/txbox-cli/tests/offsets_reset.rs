@@ -5,10 +5,13 @@ use std::process::{Command, Output};
 
 use std::time::Duration;
 
+use txbox::rdkafka::admin::{AdminClient, AdminOptions};
+use txbox::rdkafka::client::DefaultClientContext;
 use txbox::rdkafka::config::ClientConfig;
 use txbox::rdkafka::consumer::{BaseConsumer, Consumer};
-use txbox_testkit::kafka::{self, Record};
-use txbox_testkit::{tansu, TestDb};
+use txbox::rdkafka::{Offset, TopicPartitionList};
+use txbox_testkit::kafka::Record;
+use txbox_testkit::{kafka, TestDb};
 
 fn txbox(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_txbox"))
@@ -100,8 +103,7 @@ async fn offsets_reset_previews_then_executes_and_refuses_unknown_partitions() {
     assert!(!neither.status.success(), "needs --to-offset or --shift-by");
 }
 
-/// Waits until the broker reports `ends` as the partitions' log ends (Tansu's
-/// high watermark can lag the acknowledged writes).
+/// Waits until the broker reports `ends` as the partitions' log ends.
 async fn wait_log_ends(bootstrap: &str, topic: &str, ends: &[i64]) {
     let (bootstrap, topic, ends) = (bootstrap.to_owned(), topic.to_owned(), ends.to_vec());
     tokio::task::spawn_blocking(move || {
@@ -128,10 +130,28 @@ async fn wait_log_ends(bootstrap: &str, topic: &str, ends: &[i64]) {
     .expect("watermark wait");
 }
 
+/// Deletes the records of `partition` below `offset`, so its log starts there.
+async fn delete_records_before(bootstrap: &str, topic: &str, partition: i32, offset: i64) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .expect("offset");
+    let done = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete_records");
+    for e in done.elements() {
+        assert!(e.error().is_ok(), "delete_records: {:?}", e.error());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("bounds", 2).await;
     let records = (0..8)
         .map(|i| Record::new(format!("m{i}")).partition(i32::from(i >= 5)))
@@ -156,8 +176,9 @@ async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
     assert!(latest.status.success(), "{latest:?}");
     assert_eq!(positions(&db).await, vec![(0, 5, 2), (1, 3, 2)]);
 
-    // Tansu keeps every record, so each log starts at 0 here; the move to
-    // 5 and 3 above is what tells the log's end from its start.
+    // Partition 1's log starts at 2 once its first two records are deleted
+    // (retention does the same): the earliest offset is not 0.
+    delete_records_before(broker.bootstrap(), &topic, 1, 2).await;
     let earliest = reset(&[
         "--to-earliest",
         "--partition",
@@ -167,7 +188,7 @@ async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
         "--execute",
     ]);
     assert!(earliest.status.success(), "{earliest:?}");
-    assert_eq!(positions(&db).await, vec![(0, 5, 2), (1, 0, 3)]);
+    assert_eq!(positions(&db).await, vec![(0, 5, 2), (1, 2, 3)]);
 
     let no_brokers = reset(&["--to-latest"]);
     assert!(!no_brokers.status.success(), "{no_brokers:?}");
@@ -190,7 +211,7 @@ async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
     assert!(why.contains("partition 7") || why.contains("[7]"), "{why}");
     assert_eq!(
         positions(&db).await,
-        vec![(0, 5, 2), (1, 0, 3)],
+        vec![(0, 5, 2), (1, 2, 3)],
         "refusals change nothing"
     );
 }

@@ -106,7 +106,7 @@
 //!
 //! | Name | Description | Default |
 //! |---|---|---|
-//! | `failpoints` | Named crash points (`relay.after_produce`, `relay.before_kafka_commit`, `relay.after_kafka_commit`, `relay.after_db_position`) for fault-injection tests. Never in production. | no |
+//! | `failpoints` | Named crash points (`relay.after_produce`, `relay.before_kafka_commit`, `relay.after_kafka_commit`, `relay.after_db_position`, `relay.during_prune`) for fault-injection tests. Never in production. | no |
 
 #![warn(missing_docs, unreachable_pub)]
 // Library code never unwraps: bad input is a typed error.

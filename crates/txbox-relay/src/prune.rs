@@ -88,6 +88,8 @@ impl Pruner {
         let mut total = 0;
         for i in 0..max_batches {
             if i > 0 {
+                // Some rows of this round are deleted, others not yet.
+                txbox::crash_point!("relay.during_prune");
                 tokio::time::sleep(PAUSE).await;
             }
             let n = self.prune_once(pool, token, upto).await?;

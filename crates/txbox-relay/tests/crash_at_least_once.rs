@@ -1,6 +1,6 @@
 //! Crash windows in at-least-once mode: the `txbox-relay` binary (built
 //! with its `failpoints` feature for tests) is SIGKILLed at a named step,
-//! restarted, and what a consumer of the real Tansu broker saw is counted
+//! restarted, and what a consumer of Apache Kafka saw is counted
 //! against the committed outbox: nothing may be missing, and duplicates
 //! (always byte-identical, same `ce_id`) are bounded by one batch.
 //!
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use common::*;
 use txbox_testkit::process::Child;
-use txbox_testkit::{tansu, unique_name, TestDb};
+use txbox_testkit::{kafka, unique_name, TestDb};
 
 const ROWS: usize = 600;
 const BATCH: usize = 100;
@@ -29,7 +29,7 @@ const BATCH: usize = 100;
 async fn crash_and_restart(point: &str) -> Tally {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("crash", 3).await;
     stage_many(db.pool(), &topic, ROWS, 40, 50).await;
     let staged = staged_ids(db.pool()).await;

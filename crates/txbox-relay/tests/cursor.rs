@@ -11,18 +11,21 @@ use txbox_testkit::TestDb;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_in_numeric_txid_then_id_order() {
     let db = TestDb::new().await;
-    // Explicit, already-finished transaction ids (far below xmin).
-    for (txid, topic) in [
-        ("100", "c"),
-        ("99", "b"),
-        ("99", "a2"),
-        ("1000", "d"),
-        ("9", "a1"),
-    ] {
+    // Explicit transaction ids below the current snapshot's xmin, so all
+    // are finished whatever the cluster's age (a new cluster's ids start in
+    // the hundreds: initdb and the migrations use that many).
+    let xmin: i64 =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(xmin > 101, "xmin {xmin}: the cluster has hardly started");
+    let last = u64::try_from(xmin - 1).unwrap();
+    for (txid, topic) in [(100, "c"), (99, "b"), (99, "a2"), (last, "d"), (9, "a1")] {
         sqlx::query(
             "INSERT INTO txbox.outbox (txid, topic, event_id) VALUES ($1::text::xid8, $2, gen_random_uuid())",
         )
-        .bind(txid)
+        .bind(txid.to_string())
         .bind(topic)
         .execute(db.pool())
         .await
@@ -33,14 +36,14 @@ async fn reads_in_numeric_txid_then_id_order() {
     let order: Vec<(u64, &str)> = rows.iter().map(|r| (r.txid, r.topic.as_str())).collect();
     assert_eq!(
         order,
-        vec![(9, "a1"), (99, "b"), (99, "a2"), (100, "c"), (1000, "d")],
+        vec![(9, "a1"), (99, "b"), (99, "a2"), (100, "c"), (last, "d")],
         "txid numerically, then id (insertion order)"
     );
     let after = rows[2].position();
     let rest = cursor.read(db.pool(), after, 10).await.unwrap();
     assert_eq!(
         rest.iter().map(|r| r.txid).collect::<Vec<_>>(),
-        vec![100, 1000]
+        vec![100, last]
     );
     let limited = cursor.read(db.pool(), Position::START, 2).await.unwrap();
     assert_eq!(limited.len(), 2);

@@ -1,5 +1,5 @@
 //! The `txbox-relay` binary's Prometheus endpoint (`--metrics-listen`),
-//! scraped over HTTP while it publishes to Tansu from a real PostgreSQL.
+//! scraped over HTTP while it publishes to Apache Kafka from a real PostgreSQL.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use txbox_testkit::process::Child;
-use txbox_testkit::{tansu, TestDb};
+use txbox_testkit::{kafka, TestDb};
 
 fn relay_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_txbox-relay"))
@@ -42,7 +42,7 @@ fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
 async fn the_binary_serves_what_it_published_to_prometheus() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("metrics", 1).await;
     stage_many(db.pool(), &topic, 30, 3, 10).await;
     let addr = format!("127.0.0.1:{}", txbox_testkit::free_port());

@@ -6,17 +6,17 @@
 //! check the relay's reaction to each error class (retry the commit, abort
 //! and retry the batch, stop on fencing) and that no row is skipped; they
 //! cannot check read_committed visibility (aborted attempts show up here
-//! as extra copies). `real_kafka.rs` checks visibility on Apache Kafka.
+//! as extra copies). `exactly_once.rs` checks visibility and fencing on Apache Kafka.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use txbox_relay::{Mode, RelayConfig};
+use txbox_relay::{Error, Mode, RelayConfig};
 use txbox_testkit::{MockKafka, TestDb};
 
 fn setup(db: &TestDb, mock: &MockKafka, topic: &str) -> RelayConfig {
@@ -214,4 +214,65 @@ async fn fenced_producer_stops_and_waits_for_leadership() {
         "never re-acquired while 'other' holds it"
     );
     assert_eq!(report.published(), 100);
+}
+
+/// Exactly-once mode needs transactions. A broker that grants producer ids
+/// but has no EndTxn (Tansu 0.6 is one; here the mock with EndTxn
+/// switched off) fails the start-up probe transaction, and the relay
+/// refuses with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_is_refused_without_transactions() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let mock = MockKafka::new(1);
+    mock.cluster()
+        .apiversion(RDKafkaApiKey::EndTxn, None, None)
+        .unwrap();
+    let topic = txbox_testkit::unique_name("eos");
+    let cfg = setup(&db, &mock, &topic);
+    let bootstrap = mock.bootstrap();
+    let started = Instant::now();
+    let err = txbox_relay::run(cfg.clone(), txbox_relay::CancellationToken::new())
+        .await
+        .expect_err("exactly-once must be refused");
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::TransactionsUnsupported { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not support Kafka transactions"),
+        "{text}"
+    );
+    assert!(text.contains("--mode at-least-once"), "{text}");
+    assert!(text.contains(&bootstrap), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "detected in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(relay_row(db.pool()).await.0, None, "lease released");
+
+    // The binary says the same and exits non-zero.
+    let mut child = txbox_testkit::process::Child::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_txbox-relay")),
+        &[
+            "--database-url",
+            db.url(),
+            "--brokers",
+            &bootstrap,
+            "--position-topic",
+            &cfg.position_topic,
+            "--transactional-id-prefix",
+            &cfg.transactional_id_prefix,
+        ],
+        &[],
+    );
+    let code = child.wait_within(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        child.stderr_contains("does not support Kafka transactions"),
+        "{}",
+        child.stderr()
+    );
 }

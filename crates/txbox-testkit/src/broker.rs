@@ -1,12 +1,12 @@
-//! A real Kafka-protocol broker over TCP for tests: Tansu.
+//! The Apache Kafka broker tests share, and what they do with it.
 //!
-//! Tansu 0.6.0 speaks the Kafka protocol but has no transactions (no
-//! EndTxn), no aborted-record filtering, drops offset-commit metadata, does
-//! not auto-create topics, and its high watermark can lag. Tests that need
-//! those features must use [`crate::real_kafka`] or say what they prove.
+//! Every broker test runs against real Apache Kafka: transactions,
+//! `read_committed`, producer fencing, group coordination and topic
+//! deletion are the real thing. `scripts/dev-up` (and so `scripts/test`)
+//! starts one broker and exports its address as `KAFKA_BOOTSTRAP`; without
+//! it, the first call to [`kafka`] in a test process starts a private
+//! broker ([`KafkaServer`]) that ends with the process.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -16,86 +16,57 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::OnceCell;
 
+use crate::KafkaServer;
+
 /// A broker tests can use.
 #[derive(Debug)]
 pub struct Broker {
     bootstrap: String,
 }
 
-static TANSU: OnceCell<Broker> = OnceCell::const_new();
+struct Shared {
+    broker: Broker,
+    /// The private broker, when this process started one; kept for the
+    /// process's lifetime (its watchdog ends it with the process).
+    _server: Option<KafkaServer>,
+}
 
-/// The Tansu broker for this test process: the one at `TXBOX_TEST_KAFKA`
-/// (started by `scripts/dev-up`), or a new one on a free loopback port that
-/// exits when this process does.
+static SHARED: OnceCell<Shared> = OnceCell::const_new();
+
+/// The Apache Kafka broker for this test process: the one at
+/// `KAFKA_BOOTSTRAP` (started by `scripts/dev-up`), or a private one
+/// started on first use that ends when this process does.
+///
+/// Tests share it: each uses topics, groups and transactional ids of its
+/// own ([`crate::unique_name`]). A test that stops or kills the broker
+/// starts a [`KafkaServer`] of its own instead.
 ///
 /// # Panics
-/// If no broker is configured and the `tansu` binary cannot be found or
-/// does not start.
-pub async fn tansu() -> &'static Broker {
-    TANSU
+/// If no broker is configured and none can be started (no Java, no Maven
+/// and no `KAFKA_HOME`: the message says what to install).
+pub async fn kafka() -> &'static Broker {
+    let shared = SHARED
         .get_or_init(|| async {
-            if let Ok(bootstrap) = std::env::var("TXBOX_TEST_KAFKA") {
-                if !bootstrap.is_empty() {
-                    return Broker { bootstrap };
+            match std::env::var("KAFKA_BOOTSTRAP") {
+                Ok(bootstrap) if !bootstrap.is_empty() => Shared {
+                    broker: Broker { bootstrap },
+                    _server: None,
+                },
+                _ => {
+                    let server = KafkaServer::start().await;
+                    Shared {
+                        broker: server.broker(),
+                        _server: Some(server),
+                    }
                 }
             }
-            start_tansu().await
         })
-        .await
-}
-
-fn tansu_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("TXBOX_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = PathBuf::from(home).join(".cargo/bin/tansu");
-    if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        PathBuf::from("tansu")
-    }
-}
-
-async fn start_tansu() -> Broker {
-    let port = crate::free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let bin = tansu_binary();
-    // A watchdog shell ends the broker when this test process exits, even
-    // on a panic or SIGKILL.
-    let script = format!(
-        "\"$0\" broker --listener-url {url} --advertised-listener-url {url} --storage-engine memory://tansu/ --silent & b=$!; \
-         while kill -0 {parent} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; kill $b 2>/dev/null",
-        parent = std::process::id()
-    );
-    let mut watchdog = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg(&bin)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start tansu ({}): {e}; run scripts/dev-up",
-                bin.display()
-            )
-        });
-    // Reap the watchdog whenever it exits.
-    std::thread::spawn(move || watchdog.wait());
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Broker { bootstrap: addr };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("tansu did not listen on {addr} within 30 s");
+        .await;
+    &shared.broker
 }
 
 impl Broker {
-    /// A broker at `bootstrap` (e.g. real Kafka from [`crate::real_kafka`]).
+    /// A broker at `bootstrap`.
     pub fn at(bootstrap: impl Into<String>) -> Broker {
         Broker {
             bootstrap: bootstrap.into(),
@@ -116,9 +87,8 @@ impl Broker {
     }
 
     /// Deletes a topic and waits until metadata no longer lists it, so a
-    /// topic of the same name can be created anew (Apache Kafka deletes
-    /// asynchronously; Tansu 0.6.0 and the mock cluster are not used for
-    /// this).
+    /// topic of the same name can be created anew (Kafka deletes
+    /// asynchronously).
     ///
     /// # Panics
     /// If the broker refuses, or still lists the topic after 60 s.

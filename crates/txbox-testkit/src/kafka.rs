@@ -51,11 +51,10 @@ impl Record {
 /// Produces `records` in order with an idempotent producer and waits for
 /// every acknowledgement. Returns (partition, offset) of each.
 ///
-/// Each record is its own record batch (`batch.num.messages=1`, still
-/// pipelined): Tansu 0.6.0 returns nothing for a fetch that starts inside a
-/// batch (measured: a consumer assigned at offset 37 of a 100-record batch
-/// gets no records), and inbox tests resume from arbitrary offsets. Real
-/// Kafka serves such fetches; this setting only shapes the test input.
+/// Records are batched as a service's producer batches them (a few
+/// milliseconds of linger), so consumers that resume mid-way (after a
+/// crash, a rebalance or a backpressure pause) start fetches inside
+/// multi-record batches, as they do in production.
 ///
 /// # Panics
 /// If any record is not acknowledged.
@@ -64,8 +63,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "0")
-        .set("batch.num.messages", "1")
+        .set("linger.ms", "5")
         .create()
         .expect("producer");
     let mut futures = Vec::with_capacity(records.len());
@@ -85,7 +83,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: Vec<Record>) -> Vec<
 
 /// Produces `transactions` with a transactional producer (a fresh
 /// `transactional.id`), in order, each committed (`true`) or aborted.
-/// Needs a broker with Kafka transactions (Apache Kafka; not Tansu 0.6.0).
+/// Needs a broker with Kafka transactions (Apache Kafka).
 ///
 /// # Panics
 /// If the broker refuses any step.

@@ -2,28 +2,32 @@
 //!
 //! - [`TestDb`]: a fresh PostgreSQL database per test, migrated, dropped after.
 //! - [`PgServer`]: a private PostgreSQL server a test can stop and restart.
-//! - [`tansu`]: a real Kafka-protocol broker over TCP (Tansu), one per test
-//!   process or the one named by `TXBOX_TEST_KAFKA`; topics per test.
-//! - [`MockKafka`]: librdkafka's in-process mock cluster, for injected errors.
+//! - [`kafka`]: the real Apache Kafka broker tests share (the one at
+//!   `KAFKA_BOOTSTRAP`, or a private one per test process); topics per test.
+//! - [`KafkaServer`]: a private Apache Kafka broker a test can kill and
+//!   restart.
+//! - [`MockKafka`]: librdkafka's in-process mock cluster, for injected
+//!   broker errors only (it shows aborted records and does not fence).
 //! - [`kafka`]: produce and consume helpers that report what a consumer saw.
 //! - [`process`]: child processes killed with SIGKILL at named crash points.
 //! - [`proxy`]: a TCP proxy that can cut a service off, to simulate outages.
 //!
 //! Environment: `TXBOX_TEST_DATABASE_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`), `TXBOX_TEST_KAFKA` (a
-//! running Tansu; otherwise one is started), `KAFKA_BOOTSTRAP` (a real
-//! Apache Kafka, for the suite that needs transactions).
+//! `postgres://postgres@127.0.0.1:5432/postgres`), `KAFKA_BOOTSTRAP` (a
+//! running Apache Kafka; otherwise one is started with `scripts/kafka`).
 
 mod broker;
 mod db;
 pub mod kafka;
+mod kafka_server;
 mod mock;
 pub mod process;
 pub mod proxy;
 mod server;
 
-pub use broker::{tansu, Broker};
+pub use broker::{kafka, Broker};
 pub use db::TestDb;
+pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;
 pub use server::PgServer;
 
@@ -31,25 +35,6 @@ pub use server::PgServer;
 pub fn unique_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &id[..12])
-}
-
-/// Why a test needs [`real_kafka`]; also the text of its `#[ignore]`, so
-/// that without a broker it is reported as skipped, never as passed.
-pub const NEEDS_KAFKA: &str =
-    "needs a real Apache Kafka: set KAFKA_BOOTSTRAP (docker compose up kafka)";
-
-/// The bootstrap servers of a real Apache Kafka, from `KAFKA_BOOTSTRAP`
-/// (set for example by `docker compose up kafka`). Tests that need what only
-/// Kafka does (transactions, read_committed, fencing, topic deletion) call
-/// it; they are `#[ignore]`d, and `scripts/test` runs them when it is set.
-///
-/// # Panics
-/// With [`NEEDS_KAFKA`] when `KAFKA_BOOTSTRAP` is unset or empty.
-pub fn real_kafka() -> String {
-    std::env::var("KAFKA_BOOTSTRAP")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .expect(NEEDS_KAFKA)
 }
 
 /// A port on 127.0.0.1 that nothing listened on a moment ago (bound, then

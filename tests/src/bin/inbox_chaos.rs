@@ -4,7 +4,9 @@
 //!
 //! Environment: TXBOX_DATABASE_URL, TXBOX_KAFKA_BOOTSTRAP, CHAOS_TOPIC,
 //! CHAOS_GROUP, CHAOS_BATCH (default 10), CHAOS_SLOW_OFFSET (offset whose
-//! handler sleeps CHAOS_SLOW_SECS, default 3), CHAOS_SESSION_MS.
+//! handler sleeps CHAOS_SLOW_SECS, default 3), CHAOS_SESSION_MS (classic
+//! protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
+//! for KIP-848 groups, whose session timeout the broker sets).
 
 use std::time::Duration;
 
@@ -37,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
         bank = bank.slow_at(offset.parse()?, Duration::from_secs(secs));
     }
     let session_ms = std::env::var("CHAOS_SESSION_MS").unwrap_or_else(|_| "6000".into());
-    let inbox = Inbox::builder(pool)
+    let protocol = std::env::var("CHAOS_GROUP_PROTOCOL").unwrap_or_else(|_| "classic".into());
+    let mut builder = Inbox::builder(pool)
         .brokers(&env("TXBOX_KAFKA_BOOTSTRAP")?)
         .group_id(env("CHAOS_GROUP")?)
         .handler(&env("CHAOS_TOPIC")?, bank)
@@ -51,10 +54,15 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_millis(20),
             Duration::from_millis(200),
         )))
-        .kafka_option("session.timeout.ms", &session_ms)
-        .kafka_option("heartbeat.interval.ms", "500")
-        .kafka_option("max.poll.interval.ms", &session_ms)
-        .build()?;
+        .kafka_option("group.protocol", &protocol)
+        .kafka_option("max.poll.interval.ms", &session_ms);
+    if protocol == "classic" {
+        // With the consumer protocol these are the broker's to set.
+        builder = builder
+            .kafka_option("session.timeout.ms", &session_ms)
+            .kafka_option("heartbeat.interval.ms", "500");
+    }
+    let inbox = builder.build()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     inbox
         .run(async move {

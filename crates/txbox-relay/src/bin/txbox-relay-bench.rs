@@ -44,7 +44,7 @@ use uuid::Uuid;
     about = "Relay throughput and latency benchmark"
 )]
 struct Args {
-    /// Kafka bootstrap servers (e.g. a Tansu started by scripts/dev-up).
+    /// Kafka bootstrap servers (e.g. the Apache Kafka started by scripts/dev-up).
     #[arg(long, env = "TXBOX_TEST_KAFKA")]
     bootstrap: String,
     /// PostgreSQL server URL; a fresh database is created on it.

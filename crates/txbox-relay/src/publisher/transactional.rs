@@ -14,8 +14,8 @@ use crate::config::Mode;
 use crate::cursor::{OutboxRow, Position};
 
 /// How long `init_transactions` may take before the broker is declared
-/// unable to do transactions (Tansu answers in about 0.5 s; Kafka in
-/// well under a second once its transaction coordinator is up).
+/// unable to do transactions (Kafka answers in well under a second once
+/// its transaction coordinator is up).
 const INIT_TIMEOUT: Duration = Duration::from_secs(20);
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,7 +108,7 @@ impl Transactional {
     }
 
     /// Commits a transaction holding only the current position record. On
-    /// a broker without EndTxn (Tansu 0.6) `init_transactions` succeeds but
+    /// a broker without EndTxn (Tansu 0.6, for one) `init_transactions` succeeds but
     /// this commit fails with "not supported": refuse to run.
     async fn probe(&mut self, position: Position) -> Result<(), PublishError> {
         self.begin()?;

@@ -1,11 +1,7 @@
-//! The relay against a real Kafka-protocol broker over TCP (Tansu 0.6) and
-//! a real PostgreSQL, in at-least-once mode (Tansu has no transactions).
-//!
-//! What these prove: gap-safety against late commits, no publication of
-//! rolled-back rows, per-key order, lease exclusivity and takeover, reject
-//! handling, and that exactly-once mode is refused on a broker without
-//! transactions. What they cannot: read_committed visibility (see
-//! `real_kafka.rs`).
+//! The relay against Apache Kafka and a real PostgreSQL, in at-least-once
+//! mode: gap-safety against late commits, no publication of rolled-back
+//! rows, per-key order, lease exclusivity and takeover, reject handling and
+//! pruning. Exactly-once mode, crashes and fencing: `exactly_once.rs`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use txbox::Outbox;
 use txbox_relay::{Error, Mode, OnReject};
-use txbox_testkit::{tansu, TestDb};
+use txbox_testkit::{kafka, TestDb};
 
 /// A row whose transaction took a lower outbox id but commits after a
 /// higher one was published is still published (an id-based cursor would
@@ -26,7 +22,7 @@ use txbox_testkit::{tansu, TestDb};
 async fn late_commit_with_lower_id_is_not_skipped() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("gap", 1).await;
     let outbox = Outbox::new(txbox::Schema::default());
 
@@ -113,7 +109,7 @@ async fn late_commit_with_lower_id_is_not_skipped() {
 async fn rolled_back_rows_are_never_published() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("rollback", 1).await;
     let outbox = Outbox::new(txbox::Schema::default());
     let relay = Relay::start(config(&db, broker.bootstrap(), Mode::AtLeastOnce));
@@ -150,7 +146,7 @@ async fn rolled_back_rows_are_never_published() {
 async fn per_key_order_under_concurrent_writers() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("order", 4).await;
     let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
     cfg.batch_size = 250;
@@ -241,7 +237,7 @@ async fn per_key_order_under_concurrent_writers() {
 async fn standby_takes_over_after_lease_ttl() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("zombie", 2).await;
     let mut a_cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
     a_cfg.lease_ttl = Duration::from_secs(2);
@@ -304,63 +300,6 @@ async fn standby_takes_over_after_lease_ttl() {
     );
 }
 
-/// Exactly-once mode needs transactions; Tansu 0.6 accepts
-/// InitProducerId but has no EndTxn, so the start-up probe transaction
-/// fails and the relay refuses with a clear message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_is_refused_without_transactions() {
-    txbox_testkit::init_tracing();
-    let db = TestDb::new().await;
-    let broker = tansu().await;
-    let started = Instant::now();
-    let err = txbox_relay::run(
-        config(&db, broker.bootstrap(), Mode::ExactlyOnce),
-        txbox_relay::CancellationToken::new(),
-    )
-    .await
-    .expect_err("exactly-once must be refused");
-    let text = err.to_string();
-    assert!(
-        matches!(err, Error::TransactionsUnsupported { .. }),
-        "{text}"
-    );
-    assert!(
-        text.contains("does not support Kafka transactions"),
-        "{text}"
-    );
-    assert!(text.contains("--mode at-least-once"), "{text}");
-    assert!(text.contains(broker.bootstrap()), "{text}");
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "detected in {:?}",
-        started.elapsed()
-    );
-    assert_eq!(relay_row(db.pool()).await.0, None, "lease released");
-
-    // The binary says the same and exits non-zero.
-    let mut child = txbox_testkit::process::Child::spawn(
-        std::path::Path::new(env!("CARGO_BIN_EXE_txbox-relay")),
-        &[
-            "--database-url",
-            db.url(),
-            "--brokers",
-            broker.bootstrap(),
-            "--position-topic",
-            &txbox_testkit::unique_name("positions"),
-            "--transactional-id-prefix",
-            &txbox_testkit::unique_name("txn"),
-        ],
-        &[],
-    );
-    let code = child.wait_within(Duration::from_secs(30)).await;
-    assert_eq!(code, Some(1));
-    assert!(
-        child.stderr_contains("does not support Kafka transactions"),
-        "{}",
-        child.stderr()
-    );
-}
-
 /// A row Kafka refuses for good: with `on_reject = stop` the stream stops
 /// with an error naming the row and topic; with `dead-letter` the row moves
 /// to relay_dead_letters (token-checked, one transaction) and the rest is
@@ -369,7 +308,7 @@ async fn exactly_once_is_refused_without_transactions() {
 async fn rejected_rows_stop_or_dead_letter() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("reject", 1).await;
     let big = txbox::OutboxEvent::new(&topic, vec![b'x'; 20_000]).key("k");
     let big_id = big.id();
@@ -432,7 +371,7 @@ async fn rejected_rows_stop_or_dead_letter() {
 async fn published_rows_are_pruned() {
     txbox_testkit::init_tracing();
     let db = TestDb::new().await;
-    let broker = tansu().await;
+    let broker = kafka().await;
     let topic = broker.topic("prune", 1).await;
     let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
     cfg.prune_batch = 100;

@@ -1,0 +1,112 @@
+//! Three inbox processes in one consumer group on Apache Kafka, under
+//! load: one is SIGKILLed, one is frozen (SIGSTOP) past its session
+//! timeout and then thawed, while deposits keep arriving. The group
+//! rebalances around them; the thawed member's in-flight commit (if any) is
+//! fenced. The business state must equal exactly one application of every
+//! deposit.
+//!
+//! Run with both group protocols librdkafka speaks to Kafka 4: `classic`
+//! (the client sets the session timeout: 6 s) and `consumer` (KIP-848; the
+//! broker sets it: 10 s in `dev/kafka/server.properties`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use txbox_testkit::process::Child;
+use txbox_testkit::{kafka, unique_name, TestDb};
+use txbox_tests::Bank;
+
+const BIN: &str = env!("CARGO_BIN_EXE_inbox-chaos");
+const DEPOSITS: usize = 3000;
+const PARTITIONS: i32 = 6;
+
+async fn processed(db: &TestDb, group: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_processed WHERE consumer_group = $1")
+        .bind(group)
+        .fetch_one(db.pool())
+        .await
+        .expect("processed count")
+}
+
+/// Waits until at least `n` deposits are processed.
+async fn wait_for(db: &TestDb, group: &str, n: i64, members: &[&Child]) {
+    assert!(
+        Bank::wait_processed(db.pool(), group, n, Duration::from_secs(90)).await,
+        "stuck at {} of {n}; members' logs:\n{}",
+        processed(db, group).await,
+        members
+            .iter()
+            .map(|m| m.stderr())
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    );
+}
+
+async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
+    txbox_testkit::init_tracing();
+    let broker = kafka().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    let topic = broker.topic("group", PARTITIONS).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(DEPOSITS, 50);
+
+    let session_ms = session.as_millis().to_string();
+    let env = vec![
+        ("TXBOX_DATABASE_URL", db.url()),
+        ("TXBOX_KAFKA_BOOTSTRAP", broker.bootstrap()),
+        ("CHAOS_TOPIC", topic.as_str()),
+        ("CHAOS_GROUP", group.as_str()),
+        ("CHAOS_BATCH", "20"),
+        ("CHAOS_SESSION_MS", session_ms.as_str()),
+        ("CHAOS_GROUP_PROTOCOL", protocol),
+    ];
+    let spawn = || Child::spawn(Path::new(BIN), &[], &env);
+    let (mut killed, mut frozen, mut steady) = (spawn(), spawn(), spawn());
+
+    // Deposits arrive in 30 slices, 100 ms apart, throughout.
+    let producer = {
+        let (bootstrap, topic) = (broker.bootstrap().to_owned(), topic.clone());
+        let records = Bank::records(&deposits);
+        tokio::spawn(async move {
+            for slice in records.chunks(DEPOSITS / 30) {
+                txbox_testkit::kafka::produce(&bootstrap, &topic, slice.to_vec()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    wait_for(&db, &group, 300, &[&killed, &frozen, &steady]).await;
+    killed.kill().await;
+    wait_for(&db, &group, 900, &[&frozen, &steady]).await;
+    frozen.freeze();
+    // Past the session timeout: the group expels the silent member and
+    // hands its partitions to the last one standing.
+    tokio::time::sleep(session + Duration::from_secs(3)).await;
+    let during_freeze = processed(&db, &group).await;
+    frozen.thaw();
+    producer.await.expect("producer");
+    wait_for(&db, &group, DEPOSITS as i64, &[&frozen, &steady]).await;
+    // Time for a wrongly admitted late commit of the thawed member to land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    frozen.terminate();
+    steady.terminate();
+    assert_eq!(frozen.wait_within(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(steady.wait_within(Duration::from_secs(30)).await, Some(0));
+    println!(
+        "{protocol}: {during_freeze} processed when the frozen member was thawed; \
+         all {DEPOSITS} processed"
+    );
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_protocol_member_killed_and_member_frozen_under_load() {
+    kill_and_freeze_under_load("classic", Duration::from_secs(6)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_protocol_member_killed_and_member_frozen_under_load() {
+    kill_and_freeze_under_load("consumer", Duration::from_secs(10)).await;
+}
