@@ -14,7 +14,13 @@
 //!
 //! `--demo N` creates the topics, produces N requests, waits until they are
 //! applied, prints the balances and exits; without it the service runs until
-//! Ctrl-C / SIGTERM. Reads TXBOX_DATABASE_URL and TXBOX_KAFKA_BOOTSTRAP.
+//! Ctrl-C / SIGTERM. `--read-settled N` shows what a downstream
+//! `read_committed` consumer sees of `payments.settled` (once the relay has
+//! published): each settled payment once. Reads TXBOX_DATABASE_URL,
+//! TXBOX_KAFKA_BOOTSTRAP and TXBOX_DEMO_TOPIC_PREFIX (prepended to both
+//! topic names, so that demo runs do not share topics).
+
+mod settled;
 
 use std::time::Duration;
 
@@ -38,9 +44,25 @@ struct Opt {
     brokers: String,
     #[arg(long, env = "TXBOX_SCHEMA", default_value = "txbox")]
     schema: String,
+    /// Prepended to the topic names.
+    #[arg(long, env = "TXBOX_DEMO_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
     /// Produce this many requests, process them, print balances, exit.
     #[arg(long)]
     demo: Option<usize>,
+    /// Read payments.settled as a read_committed consumer until this many
+    /// distinct events were seen; fail on fewer or on duplicates.
+    #[arg(long, value_name = "N")]
+    read_settled: Option<usize>,
+}
+
+impl Opt {
+    fn requested(&self) -> String {
+        format!("{}{REQUESTED}", self.topic_prefix)
+    }
+    fn settled(&self) -> String {
+        format!("{}{SETTLED}", self.topic_prefix)
+    }
 }
 
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -51,6 +73,7 @@ struct PaymentRequested {
 
 struct Payments {
     outbox: Outbox,
+    settled: String,
 }
 
 #[async_trait::async_trait]
@@ -77,7 +100,7 @@ impl Handler for Payments {
             )));
         };
         let settled = OutboxEvent::json(
-            SETTLED,
+            &self.settled,
             &serde_json::json!({"account": req.account, "amount": req.amount, "balance": balance, "request": msg.event_id()}),
         )
         .map_err(HandlerError::permanent)?
@@ -101,6 +124,20 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let opt = Opt::parse();
+    if let Some(want) = opt.read_settled {
+        let topic = opt.settled();
+        println!("a read_committed consumer of {topic}:");
+        let seen = settled::read(&opt.brokers, &topic, want, Duration::from_secs(30))?;
+        println!(
+            "{} records, {} distinct settled payments, {} duplicates",
+            seen.records, seen.distinct, seen.duplicates
+        );
+        anyhow::ensure!(
+            seen.distinct == want && seen.duplicates == 0,
+            "expected {want} settled payments, each once"
+        );
+        return Ok(());
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(&opt.database_url)
@@ -113,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
-    create_topics(&opt.brokers).await?;
+    create_topics(&opt.brokers, &[opt.requested(), opt.settled()]).await?;
 
     let schema = Schema::new(opt.schema.clone())?;
     let inbox = Inbox::builder(pool.clone())
@@ -121,9 +158,10 @@ async fn main() -> anyhow::Result<()> {
         .brokers(&opt.brokers)
         .group_id("payments")
         .handler(
-            REQUESTED,
+            &opt.requested(),
             Payments {
                 outbox: Outbox::new(schema.clone()).notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL),
+                settled: opt.settled(),
             },
         )
         .build()?;
@@ -137,14 +175,15 @@ async fn main() -> anyhow::Result<()> {
                 .await?
         }
         Some(n) => {
-            let before: i64 = consumed(&pool, &schema).await?;
-            produce(&opt.brokers, n).await?;
+            let requested = opt.requested();
+            let before: i64 = consumed(&pool, &schema, &requested).await?;
+            produce(&opt.brokers, &requested, n).await?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let run = tokio::spawn(inbox.run(async move {
                 let _ = stop_rx.await;
             }));
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-            while consumed(&pool, &schema).await? < before + n as i64 {
+            while consumed(&pool, &schema, &requested).await? < before + n as i64 {
                 anyhow::ensure!(
                     tokio::time::Instant::now() < deadline,
                     "demo requests not consumed in 120 s"
@@ -165,30 +204,33 @@ async fn main() -> anyhow::Result<()> {
                 sqlx::query_scalar(&format!("SELECT count(*) FROM {}", schema.table("outbox")))
                     .fetch_one(&pool)
                     .await?;
-            println!("{staged} PaymentSettled events are in the outbox for txbox-relay to publish to {SETTLED}");
+            println!(
+                "{staged} PaymentSettled events are in the outbox for txbox-relay to publish to {}",
+                opt.settled()
+            );
         }
     }
     Ok(())
 }
 
-async fn consumed(pool: &sqlx::PgPool, schema: &Schema) -> anyhow::Result<i64> {
+async fn consumed(pool: &sqlx::PgPool, schema: &Schema, topic: &str) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(&format!(
         "SELECT COALESCE(sum(next_offset), 0)::bigint FROM {} WHERE consumer_group = 'payments' AND topic = $1",
         schema.table("inbox_offsets")
     ))
-    .bind(REQUESTED)
+    .bind(topic)
     .fetch_one(pool)
     .await?)
 }
 
-async fn create_topics(brokers: &str) -> anyhow::Result<()> {
+async fn create_topics(brokers: &str, names: &[String]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
-    let topics = [
-        NewTopic::new(REQUESTED, 3, TopicReplication::Fixed(1)),
-        NewTopic::new(SETTLED, 3, TopicReplication::Fixed(1)),
-    ];
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, 3, TopicReplication::Fixed(1)))
+        .collect();
     for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
         match r {
             Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -198,7 +240,7 @@ async fn create_topics(brokers: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn produce(brokers: &str, n: usize) -> anyhow::Result<()> {
+async fn produce(brokers: &str, topic: &str, n: usize) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -216,7 +258,7 @@ async fn produce(brokers: &str, n: usize) -> anyhow::Result<()> {
         });
         producer
             .send(
-                FutureRecord::to(REQUESTED)
+                FutureRecord::to(topic)
                     .key(&req.account)
                     .payload(&payload)
                     .headers(headers),

@@ -108,7 +108,7 @@ impl Transactional {
     }
 
     /// Commits a transaction holding only the current position record. On
-    /// a broker without EndTxn (Tansu 0.6, for one) `init_transactions` succeeds but
+    /// a broker without EndTxn `init_transactions` succeeds but
     /// this commit fails with "not supported": refuse to run.
     async fn probe(&mut self, position: Position) -> Result<(), PublishError> {
         self.begin()?;
