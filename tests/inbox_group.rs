@@ -10,6 +10,8 @@
 //! broker sets it: 10 s in `dev/kafka/server.properties`).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use txbox_testkit::process::Child;
@@ -64,14 +66,18 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     let spawn = || Child::spawn(Path::new(BIN), &[], &env);
     let (mut killed, mut frozen, mut steady) = (spawn(), spawn(), spawn());
 
-    // Deposits arrive in 30 slices, 100 ms apart, throughout.
+    // Deposits arrive in 40 slices, 350 ms apart: about 14 s, so that they
+    // still arrive (on every partition) while a member is frozen.
+    let produced = Arc::new(AtomicUsize::new(0));
     let producer = {
         let (bootstrap, topic) = (broker.bootstrap().to_owned(), topic.clone());
         let records = Bank::records(&deposits);
+        let produced = produced.clone();
         tokio::spawn(async move {
-            for slice in records.chunks(DEPOSITS / 30) {
+            for slice in records.chunks(DEPOSITS / 40) {
                 txbox_testkit::kafka::produce(&bootstrap, &topic, slice.to_vec()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                produced.fetch_add(slice.len(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(350)).await;
             }
         })
     };
@@ -80,10 +86,22 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     killed.kill().await;
     wait_for(&db, &group, 900, &[&frozen, &steady]).await;
     frozen.freeze();
-    // Past the session timeout: the group expels the silent member and
-    // hands its partitions to the last one standing.
-    tokio::time::sleep(session + Duration::from_secs(3)).await;
-    let during_freeze = processed(&db, &group).await;
+    // Past the session timeout the group expels the silent member and hands
+    // its partitions to the last one standing, which must then process
+    // everything produced so far, on every partition, while the frozen
+    // member is still frozen.
+    tokio::time::sleep(session + Duration::from_secs(1)).await;
+    let target = produced.load(Ordering::SeqCst);
+    assert!(
+        target < DEPOSITS,
+        "production ended before the check; it proves nothing"
+    );
+    assert!(
+        Bank::wait_processed(db.pool(), &group, target as i64, Duration::from_secs(20)).await,
+        "the frozen member's partitions were not taken over: {} of {target} processed:\n{}",
+        processed(&db, &group).await,
+        steady.stderr()
+    );
     frozen.thaw();
     producer.await.expect("producer");
     wait_for(&db, &group, DEPOSITS as i64, &[&frozen, &steady]).await;
@@ -94,10 +112,7 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     steady.terminate();
     assert_eq!(frozen.wait_within(Duration::from_secs(30)).await, Some(0));
     assert_eq!(steady.wait_within(Duration::from_secs(30)).await, Some(0));
-    println!(
-        "{protocol}: {during_freeze} processed when the frozen member was thawed; \
-         all {DEPOSITS} processed"
-    );
+    println!("{protocol}: {target} processed while a member was frozen; all {DEPOSITS} processed");
     Bank::assert_exactly_once(db.pool(), &deposits).await;
 }
 
