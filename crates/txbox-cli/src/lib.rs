@@ -11,6 +11,9 @@
 //!       [--partition P]... [--brokers B] [--execute]
 //!                                    move positions (dry run unless --execute)
 //! txbox relay-status                 list relay streams, owners and positions
+//! txbox relay re-anchor --stream N [--execute]
+//!                                    anchor a relay stream in this database's
+//!                                    history (after a restore or failover)
 //! ```
 //!
 //! Every command reads `--database-url` (`TXBOX_DATABASE_URL`) and
@@ -19,8 +22,10 @@
 #![warn(clippy::unwrap_used)]
 
 mod inspect;
+mod reanchor;
 mod reset;
 
+pub use reanchor::ReAnchorArgs;
 pub use reset::ResetArgs;
 
 use anyhow::Context as _;
@@ -86,6 +91,20 @@ pub enum Command {
     },
     /// List relay streams: owner, lease, position, published count.
     RelayStatus,
+    /// Relay stream operations (`re-anchor`).
+    Relay {
+        /// What to do.
+        #[command(subcommand)]
+        sub: RelayCommand,
+    },
+}
+
+/// `txbox relay` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Anchor a stream in this database's history after a restore, a
+    /// cutover or a failover (a dry run unless --execute).
+    ReAnchor(ReAnchorArgs),
 }
 
 /// `txbox migrate` subcommands.
@@ -172,6 +191,12 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
         Command::RelayStatus => {
             migrator.verify(&pool).await?;
             inspect::relay_streams(&pool, &schema).await?;
+        }
+        Command::Relay {
+            sub: RelayCommand::ReAnchor(args),
+        } => {
+            migrator.verify(&pool).await?;
+            reanchor::run(&pool, &schema, args).await?;
         }
     }
     Ok(())

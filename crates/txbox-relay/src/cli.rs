@@ -57,7 +57,7 @@ pub struct Cli {
     /// Stream lease duration without renewal [default: 10s].
     #[arg(long, env = "TXBOX_LEASE_TTL", value_parser = parse_duration, value_name = "DURATION")]
     pub lease_ttl: Option<Duration>,
-    /// This process's name as lease owner [default: hostname:pid].
+    /// This process's name as lease owner [default: host:pid:nonce, unique per start].
     #[arg(long, env = "TXBOX_INSTANCE")]
     pub instance: Option<String>,
     /// Prefix of transactional.id = {prefix}-{schema}-{stream} [default: txbox-relay].

@@ -83,7 +83,7 @@ impl fmt::Display for OnReject {
 /// | `poll_interval` | `200ms` | idle wait; NOTIFY wakes earlier |
 /// | `notify_channel` | `txbox_outbox` | channel the outbox notifies |
 /// | `lease_ttl` | `10s` | how long a stream lease lasts unrenewed |
-/// | `instance` | `hostname:pid` | this process's name in `relay_streams.owner` |
+/// | `instance` | `host:pid:nonce`, unique per process start ([`txbox::instance::name`]) | this process's name in `relay_streams.owner` |
 /// | `transactional_id_prefix` | `txbox-relay` | `transactional.id` = `{prefix}-{schema}-{stream}` |
 /// | `position_topic` | `txbox.relay.positions` | compacted topic of positions (exactly-once) |
 /// | `on_reject` | `stop` | or `dead-letter` |
@@ -179,7 +179,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_millis(200),
             notify_channel: txbox::outbox::DEFAULT_NOTIFY_CHANNEL.to_owned(),
             lease_ttl: Duration::from_secs(10),
-            instance: default_instance(),
+            instance: txbox::instance::name().to_owned(),
             transactional_id_prefix: "txbox-relay".to_owned(),
             position_topic: "txbox.relay.positions".to_owned(),
             on_reject: OnReject::Stop,
@@ -402,21 +402,6 @@ fn valid_topic(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// `hostname:pid`, the default lease owner name.
-fn default_instance() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned());
-    format!("{host}:{}", std::process::id())
-}
-
 /// Accepts TOML strings, integers, floats and booleans as option values.
 fn deserialize_kafka_options<'de, D: Deserializer<'de>>(
     d: D,
@@ -508,7 +493,12 @@ mod tests {
         assert_eq!(c.poll_interval, Duration::from_millis(200));
         assert_eq!(c.notify_channel, "txbox_outbox");
         assert_eq!(c.lease_ttl, Duration::from_secs(10));
-        assert!(c.instance.ends_with(&format!(":{}", std::process::id())));
+        assert!(c.instance.contains(&format!(":{}:", std::process::id())));
+        assert_eq!(
+            c.instance,
+            RelayConfig::new("postgres://db", "k:9092").instance,
+            "one name per process"
+        );
         assert_eq!(c.transactional_id_prefix, "txbox-relay");
         assert_eq!(c.position_topic, "txbox.relay.positions");
         assert_eq!(c.on_reject, OnReject::Stop);

@@ -66,6 +66,30 @@ pub enum Error {
         reason: String,
     },
 
+    /// The stream's stored position belongs to another database history
+    /// than this database's (see [`crate::history`]): resuming after it
+    /// could skip, then prune, rows staged since. Nothing was published or
+    /// deleted.
+    #[error(
+        "stream {stream}: the stored position {position} cannot be trusted: {reason}. Rows staged since \
+         could sort at or below it and be skipped, then pruned, so the stream stopped before publishing or \
+         deleting anything. Check what happened to the database, then run \
+         `txbox relay re-anchor --stream {stream}` (a dry run; add --execute) to publish every row still in \
+         the outbox from this history on"
+    )]
+    HistoryChanged {
+        /// The relay stream.
+        stream: i32,
+        /// The stored position.
+        position: crate::cursor::Position,
+        /// What differs.
+        reason: String,
+    },
+
+    /// An operator's request cannot be carried out as things stand.
+    #[error("{0}")]
+    Operation(Cow<'static, str>),
+
     /// One or more streams stopped with an error (see the report).
     #[error("{failed} of {total} relay stream(s) stopped: {summary}")]
     StreamsFailed {

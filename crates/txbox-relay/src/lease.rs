@@ -1,8 +1,12 @@
 //! Stream ownership: a lease in `relay_streams`, with a fencing token.
 //!
 //! One row per stream. Acquiring bumps `fencing_token` and sets `owner`
-//! and `lease_expires_at`, but only when the stream is free, already ours,
-//! or its lease lapsed. Every write the relay makes afterwards (position,
+//! and `lease_expires_at`, but only when the stream is free (released) or
+//! its lease lapsed. A current lease is never taken by name: a second
+//! process started with the same instance name (a fixed `--instance`
+//! across a rolling restart, pid 1 in two containers) waits out the lease
+//! like any other. The holder itself keeps its lease by renewing it with
+//! its fencing token. Every write the relay makes (renewal, position,
 //! prune, dead letter) carries `AND fencing_token = $token`; zero rows
 //! affected means another instance took the stream, and this one stops.
 //!
@@ -59,6 +63,7 @@ pub struct Lease {
     stream: i32,
     token: i64,
     position: Position,
+    history: Option<String>,
     deadline: Instant,
 }
 
@@ -77,6 +82,18 @@ impl Lease {
     /// the last one this lease recorded.
     pub fn position(&self) -> Position {
         self.position
+    }
+
+    /// The database history the position belongs to (see
+    /// [`History`](crate::History)); `None` until the stream is anchored.
+    pub fn history(&self) -> Option<&str> {
+        self.history.as_deref()
+    }
+
+    /// Anchors the stream in `history`: the next recorded position is
+    /// stored with it.
+    pub fn anchor(&mut self, history: impl Into<String>) {
+        self.history = Some(history.into());
     }
 
     /// Time left before the lease may lapse (zero when it may have).
@@ -109,7 +126,9 @@ impl Leases {
             pool,
             instance: instance.into(),
             ttl,
-            upsert_sql: format!("INSERT INTO {t} (stream) VALUES ($1) ON CONFLICT (stream) DO NOTHING"),
+            upsert_sql: format!(
+                "INSERT INTO {t} (stream) VALUES ($1) ON CONFLICT (stream) DO NOTHING"
+            ),
             acquire_sql: format!(
                 "UPDATE {t}
                     SET owner = $2,
@@ -117,8 +136,8 @@ impl Leases {
                         lease_expires_at = now() + $3::float8 * interval '1 millisecond',
                         updated_at = now()
                   WHERE stream = $1
-                    AND (owner IS NULL OR owner = $2 OR lease_expires_at IS NULL OR lease_expires_at < now())
-                  RETURNING fencing_token, position_txid::text, position_id"
+                    AND (owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now())
+                  RETURNING fencing_token, position_txid::text, position_id, history"
             ),
             renew_sql: format!(
                 "UPDATE {t}
@@ -135,6 +154,7 @@ impl Leases {
                     SET position_txid = $4::text::xid8,
                         position_id = $5,
                         published = published + $6,
+                        history = COALESCE($8, history),
                         lease_expires_at = now() + $7::float8 * interval '1 millisecond',
                         updated_at = now()
                   WHERE stream = $1 AND owner = $2 AND fencing_token = $3"
@@ -161,28 +181,30 @@ impl Leases {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// Takes `stream` if it is free, ours, or its lease lapsed; `None` when
-    /// another instance holds a current lease. Each success bumps the
-    /// fencing token, which fences every earlier holder's writes.
+    /// Takes `stream` if it is free or its lease lapsed; `None` while any
+    /// instance, even one of the same name, holds a current lease. Each
+    /// success bumps the fencing token, which fences every earlier
+    /// holder's writes.
     pub async fn try_acquire(&self, stream: i32) -> Result<Option<Lease>> {
         sqlx::query(&self.upsert_sql)
             .bind(stream)
             .execute(&self.pool)
             .await?;
         let sent = Instant::now();
-        let row: Option<(i64, String, i64)> = sqlx::query_as(&self.acquire_sql)
+        let row: Option<(i64, String, i64, Option<String>)> = sqlx::query_as(&self.acquire_sql)
             .bind(stream)
             .bind(&self.instance)
             .bind(self.ttl_ms())
             .fetch_optional(&self.pool)
             .await?;
-        let Some((token, txid, id)) = row else {
+        let Some((token, txid, id, history)) = row else {
             return Ok(None);
         };
         Ok(Some(Lease {
             stream,
             token,
             position: Position::from_db(&txid, id)?,
+            history,
             deadline: sent + self.ttl,
         }))
     }
@@ -237,6 +259,7 @@ impl Leases {
             .bind(position.id)
             .bind(i64::try_from(published).unwrap_or(i64::MAX))
             .bind(self.ttl_ms())
+            .bind(lease.history.as_deref())
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 1 {

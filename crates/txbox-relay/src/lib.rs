@@ -66,7 +66,7 @@
 //! | `poll_interval` | `--poll-interval` | `TXBOX_POLL_INTERVAL` | `200ms` |
 //! | `notify_channel` | `--notify-channel` | `TXBOX_NOTIFY_CHANNEL` | `txbox_outbox` |
 //! | `lease_ttl` | `--lease-ttl` | `TXBOX_LEASE_TTL` | `10s` |
-//! | `instance` | `--instance` | `TXBOX_INSTANCE` | `hostname:pid` |
+//! | `instance` | `--instance` | `TXBOX_INSTANCE` | `host:pid:nonce` (unique per process start) |
 //! | `transactional_id_prefix` | `--transactional-id-prefix` | `TXBOX_TRANSACTIONAL_ID_PREFIX` | `txbox-relay` |
 //! | `position_topic` | `--position-topic` | `TXBOX_POSITION_TOPIC` | `txbox.relay.positions` |
 //! | `on_reject` | `--on-reject` | `TXBOX_ON_REJECT` | `stop` |
@@ -119,6 +119,7 @@ mod cursor;
 mod dead_letter;
 mod duration;
 mod error;
+mod history;
 mod lease;
 mod notify;
 mod prune;
@@ -133,6 +134,7 @@ pub use config::{ConfigOverrides, Mode, OnReject, RelayConfig};
 pub use cursor::{hold_back, Cursor, HeldBack, OutboxRow, Position};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
+pub use history::{Histories, History, HistoryCheck, ReAnchor};
 pub use lease::{Holder, Lease, Leases};
 pub use prune::Pruner;
 pub use report::{RelayReport, StreamReport};

@@ -5,7 +5,10 @@
 //! `prune_batch`, each a short statement of its own, with a pause between
 //! batches: never one long `DELETE` that holds locks, bloats a snapshot or
 //! competes with writers for minutes. Each batch checks the fencing token,
-//! so an instance that lost the stream stops pruning.
+//! so an instance that lost the stream stops pruning, and that the stored
+//! position still belongs to this database's history (see
+//! [`History`](crate::History)), so nothing is pruned after a restore or a
+//! failover moved the transaction ids back.
 
 use std::time::Duration;
 
@@ -50,9 +53,16 @@ impl Pruner {
                         SELECT ctid FROM {outbox}
                          WHERE stream = $1 AND (txid, id) <= ($2::text::xid8, $3)
                          LIMIT $4))
-                    AND EXISTS (SELECT 1 FROM {streams} WHERE stream = $1 AND fencing_token = $5)",
+                    AND EXISTS (
+                        SELECT 1 FROM {streams} s
+                         WHERE s.stream = $1 AND s.fencing_token = $5
+                           AND s.position_txid < pg_snapshot_xmax(pg_current_snapshot())
+                           AND (s.history IS NULL OR s.history =
+                                (SELECT id::text FROM {installation}) || '@' ||
+                                (SELECT system_identifier::text FROM pg_control_system())))",
                 outbox = schema.table("outbox"),
                 streams = schema.table("relay_streams"),
+                installation = schema.table("installation"),
             ),
         }
     }

@@ -31,6 +31,7 @@ use crate::config::{Mode, OnReject, RelayConfig};
 use crate::cursor::{Cursor, OutboxRow, Position};
 use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
+use crate::history::{Histories, HistoryCheck};
 use crate::lease::{Lease, Leases};
 use crate::prune::Pruner;
 use crate::publisher::{AtLeastOnce, PublishError, Publisher, PublisherSettings, Transactional};
@@ -82,11 +83,17 @@ impl StreamTask {
             self.config.lease_ttl,
         );
         let (prune_tx, prune_rx) = watch::channel(None);
+        let (alarm_tx, alarm_rx) = watch::channel(None);
         let prune_cancel = self.cancel.child_token();
-        self.spawn_pruner(prune_rx, prune_cancel.clone());
+        self.spawn_pruner(prune_rx, alarm_tx, prune_cancel.clone());
         // Also stops the pruner if this task is aborted.
         let _prune_guard = prune_cancel.drop_guard();
-        self.lead(&leases, &backoff, &prune_tx, report).await
+        let guards = Guards {
+            histories: Histories::new(&self.schema),
+            prune_tx: &prune_tx,
+            alarm: alarm_rx,
+        };
+        self.lead(&leases, &backoff, &guards, report).await
     }
 
     async fn verify_schema(&self, backoff: &Backoff) -> Result<()> {
@@ -121,7 +128,7 @@ impl StreamTask {
         &self,
         leases: &Leases,
         backoff: &Backoff,
-        prune_tx: &watch::Sender<Option<(i64, Position)>>,
+        guards: &Guards<'_>,
         report: &mut StreamReport,
     ) -> Result<()> {
         let stream = self.stream;
@@ -129,7 +136,7 @@ impl StreamTask {
         let mut attempt = 0;
         let mut waiting_logged = false;
         while !self.cancel.is_cancelled() {
-            let lease = match leases.try_acquire(stream).await {
+            let mut lease = match leases.try_acquire(stream).await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
                     if !waiting_logged {
@@ -153,7 +160,34 @@ impl StreamTask {
             report.leaderships += 1;
             tracing::info!(stream, token = lease.token(), instance = %leases.instance(), "acquired stream lease");
             metrics::gauge!("txbox_relay_leader", "stream" => stream.to_string()).set(1.0);
-            let settings = PublisherSettings::new(&self.config, stream);
+            // The stored position must belong to this database's history.
+            let current = match guards.histories.current(&self.pool).await {
+                Ok(current) => current,
+                Err(e) => {
+                    let _ = leases.release(&lease).await;
+                    if matches!(&e, Error::Database(d) if is_transient(d)) {
+                        attempt += 1;
+                        tracing::warn!(stream, error = %e, "reading the database history failed; retrying");
+                        self.pause(backoff.delay(attempt)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            let (history, xmax) = &current;
+            match Histories::check(stream, lease.history(), lease.position(), history, *xmax) {
+                Ok(HistoryCheck::Same) => {}
+                Ok(HistoryCheck::Unanchored) => {
+                    tracing::info!(stream, history = %history, position = %lease.position(), "anchoring the stream in this database's history");
+                    lease.anchor(history.to_string());
+                }
+                Err(e) => {
+                    history_changed(stream);
+                    let _ = leases.release(&lease).await;
+                    return Err(e);
+                }
+            }
+            let settings = PublisherSettings::new(&self.config, stream, history);
             let started = match self.config.mode {
                 Mode::ExactlyOnce => Transactional::start(settings, lease.position())
                     .await
@@ -163,6 +197,19 @@ impl StreamTask {
                     .map(|p| (Publisher::AtLeastOnce(p), lease.position())),
             };
             let (publisher, position) = match started {
+                // A position recovered from Kafka (ahead of the database's)
+                // must be below the transaction counter too.
+                Ok((publisher, position)) if position != lease.position() => {
+                    if let Err(e) =
+                        Histories::check(stream, lease.history(), position, history, *xmax)
+                    {
+                        history_changed(stream);
+                        publisher.close().await;
+                        let _ = leases.release(&lease).await;
+                        return Err(e);
+                    }
+                    (publisher, position)
+                }
                 Ok(started) => started,
                 Err(PublishError::Unsupported(detail)) => {
                     let _ = leases.release(&lease).await;
@@ -189,7 +236,7 @@ impl StreamTask {
                 cursor: Cursor::new(&self.schema, stream),
                 dead_letters: DeadLetters::new(&self.schema, stream),
                 backoff: *backoff,
-                prune_tx,
+                guards,
             };
             let exit = run.publish_loop(report).await;
             let Leader {
@@ -229,9 +276,11 @@ impl StreamTask {
     fn spawn_pruner(
         &self,
         mut rx: watch::Receiver<Option<(i64, Position)>>,
+        alarm: watch::Sender<Option<(Position, String)>>,
         cancel: CancellationToken,
     ) {
         let pruner = Pruner::new(&self.schema, self.stream, self.config.prune_batch);
+        let histories = Histories::new(&self.schema);
         let pool = self.pool.clone();
         let interval = self.config.prune_interval;
         let stream = self.stream;
@@ -247,6 +296,23 @@ impl StreamTask {
                 };
                 if upto <= pruned_upto {
                     continue;
+                }
+                // Never prune in another history than the position's: the
+                // rows at or below it may be new ones, never published.
+                match histories.verify_stream(&pool, stream).await {
+                    Ok(_) => {}
+                    Err(Error::HistoryChanged {
+                        position, reason, ..
+                    }) => {
+                        tracing::error!(stream, position = %position, reason = %reason, "not pruning: the stored position belongs to another database history");
+                        history_changed(stream);
+                        alarm.send_replace(Some((position, reason)));
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream, error = %e, "history check before pruning failed; retrying later");
+                        continue;
+                    }
                 }
                 match pruner
                     .prune(&pool, token, upto, PRUNE_BATCHES_PER_ROUND)
@@ -282,7 +348,22 @@ struct Leader<'a> {
     cursor: Cursor,
     dead_letters: DeadLetters,
     backoff: Backoff,
+    guards: &'a Guards<'a>,
+}
+
+/// What a stream's leadership terms share: the history checks, the
+/// pruner's input, and the pruner's alarm when it finds the stored
+/// position in another history.
+struct Guards<'a> {
+    histories: Histories,
     prune_tx: &'a watch::Sender<Option<(i64, Position)>>,
+    alarm: watch::Receiver<Option<(Position, String)>>,
+}
+
+/// Counts a stream stopped for a changed database history.
+fn history_changed(stream: i32) {
+    metrics::counter!("txbox_relay_history_changed_total", "stream" => stream.to_string())
+        .increment(1);
 }
 
 impl Leader<'_> {
@@ -294,11 +375,19 @@ impl Leader<'_> {
         let stream_label = stream.to_string();
         let mut attempt: u32 = 0;
         let mut prefetched: Option<(Position, Vec<OutboxRow>)> = None;
-        self.prune_tx
+        self.guards
+            .prune_tx
             .send_replace(Some((self.lease.token(), self.lease.position())));
         loop {
             if self.task.cancel.is_cancelled() {
                 return Exit::Shutdown;
+            }
+            if let Some((position, reason)) = self.guards.alarm.borrow().clone() {
+                return Exit::Stop(Error::HistoryChanged {
+                    stream,
+                    position,
+                    reason,
+                });
             }
             if self.lease.remaining() < ttl / 2 {
                 match self.leases.renew(&mut self.lease).await {
@@ -502,7 +591,9 @@ impl Leader<'_> {
             {
                 Ok(true) => {
                     self.position = last;
-                    self.prune_tx.send_replace(Some((self.lease.token(), last)));
+                    self.guards
+                        .prune_tx
+                        .send_replace(Some((self.lease.token(), last)));
                     return Ok(());
                 }
                 Ok(false) => return Err(Exit::LeaseLost),

@@ -56,7 +56,8 @@ async fn crash_and_restart(point: &str) -> Tally {
     first.kill_at(point, Duration::from_secs(60)).await;
     let (_, _, _, published_before) = relay_row(db.pool()).await;
 
-    // Restarted under the same instance name, it re-acquires at once.
+    // Restarted under the same instance name: it waits out the dead
+    // process's lease (3 s) like any other instance.
     let mut second = Child::spawn(bin, &args, &[("RUST_LOG", "info")]);
     drained(db.pool(), Duration::from_secs(60)).await;
     second.terminate();

@@ -34,8 +34,8 @@ async fn position_record(mock: &MockKafka, cfg: &RelayConfig) -> serde_json::Val
     let records = consume(&mock.bootstrap(), &cfg.position_topic, 1, true).await;
     let last = records
         .iter()
-        .rfind(|c| c.key.as_deref() == Some(b"txbox/0".as_slice()))
-        .expect("a position record keyed txbox/0");
+        .rfind(|c| c.key.as_deref().is_some_and(|k| k.ends_with(b"/txbox/0")))
+        .expect("a position record keyed {installation}/txbox/0");
     payload_json(last)
 }
 

@@ -95,6 +95,12 @@ impl PgServer {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The directory of the server's binaries (`pg_dump`, `pg_restore`,
+    /// `psql` live there too).
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
     /// The port the server listens on (the same across restarts).
     pub fn port(&self) -> u16 {
         self.port

@@ -75,6 +75,7 @@ pub mod db;
 mod error;
 mod headers;
 pub mod inbox;
+pub mod instance;
 pub mod kafka;
 pub mod outbox;
 pub mod schema;

@@ -33,6 +33,7 @@ pub(crate) use transactional::Transactional;
 
 use crate::config::{Mode, RelayConfig};
 use crate::cursor::{OutboxRow, Position};
+use crate::history::History;
 
 /// What a publisher needs to know about its stream.
 #[derive(Clone, Debug)]
@@ -41,20 +42,32 @@ pub(crate) struct PublisherSettings {
     pub(crate) schema: String,
     pub(crate) stream: i32,
     pub(crate) transactional_id: String,
+    /// This installation's id (see [`History`]): part of the transactional
+    /// id and of the position key, so that relays of two installations
+    /// sharing a Kafka cluster neither fence each other nor read each
+    /// other's positions.
+    pub(crate) installation: uuid::Uuid,
+    /// The database history positions are recorded in.
+    pub(crate) history: String,
     pub(crate) position_topic: String,
     pub(crate) kafka: BTreeMap<String, String>,
 }
 
 impl PublisherSettings {
-    pub(crate) fn new(config: &RelayConfig, stream: i32) -> Self {
+    pub(crate) fn new(config: &RelayConfig, stream: i32, history: &History) -> Self {
         PublisherSettings {
             brokers: config.brokers.clone(),
             schema: config.schema.clone(),
             stream,
             transactional_id: format!(
-                "{}-{}-{}",
-                config.transactional_id_prefix, config.schema, stream
+                "{}-{}-{}-{}",
+                config.transactional_id_prefix,
+                history.installation.simple(),
+                config.schema,
+                stream
             ),
+            installation: history.installation,
+            history: history.to_string(),
             position_topic: config.position_topic.clone(),
             kafka: config.kafka.clone(),
         }
@@ -62,7 +75,12 @@ impl PublisherSettings {
 
     /// The key of this stream's records on the position topic.
     pub(crate) fn position_key(&self) -> String {
-        format!("{}/{}", self.schema, self.stream)
+        format!(
+            "{}/{}/{}",
+            self.installation.simple(),
+            self.schema,
+            self.stream
+        )
     }
 
     /// Settings every client of the relay shares: brokers, then the user's

@@ -1,12 +1,14 @@
 //! The position topic: where exactly-once mode keeps each stream's
 //! position, inside the same Kafka transaction as the rows.
 //!
-//! One record per batch, key `{schema}/{stream}`, value
-//! `{"schema":..,"stream":..,"txid":..,"id":..}`. The topic is compacted,
-//! so it keeps about one record per stream. Recovery reads it with a
-//! `read_committed` consumer from the beginning to the end and takes the
-//! highest position under the stream's key (positions only grow, so that
-//! is the last one committed).
+//! One record per batch, key `{installation}/{schema}/{stream}`, value
+//! `{"transactional_id":..,"history":..,"schema":..,"stream":..,"txid":..,"id":..}`.
+//! The topic is compacted, so it keeps about one record per stream of each
+//! installation. Recovery reads it with a `read_committed` consumer from
+//! the beginning to the end and takes the highest position under the
+//! stream's key, of its transactional id and of the database's current
+//! history (positions only grow within a history, so that is the last one
+//! committed; a position of another history orders nothing here).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -27,11 +29,14 @@ use crate::cursor::Position;
 ///
 /// `transactional_id` tells apart two relays whose schema and stream ids
 /// coincide on one position topic (two services, both with schema
-/// `txbox`); recovery ignores records of another `transactional_id`.
+/// `txbox`); `history` the database history the position was recorded in.
+/// Recovery ignores records of another `transactional_id` or history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PositionRecord {
     #[serde(default)]
     pub(crate) transactional_id: String,
+    #[serde(default)]
+    pub(crate) history: String,
     pub(crate) schema: String,
     pub(crate) stream: i32,
     pub(crate) txid: u64,
@@ -42,6 +47,7 @@ impl PositionRecord {
     pub(crate) fn new(settings: &PublisherSettings, position: Position) -> Self {
         PositionRecord {
             transactional_id: settings.transactional_id.clone(),
+            history: settings.history.clone(),
             schema: settings.schema.clone(),
             stream: settings.stream,
             txid: position.txid,
@@ -222,7 +228,9 @@ fn read_latest_blocking(
                         m.offset()
                     )
                 })?;
-                if rec.transactional_id != settings.transactional_id {
+                if rec.transactional_id != settings.transactional_id
+                    || rec.history != settings.history
+                {
                     continue;
                 }
                 let pos = Position {

@@ -43,4 +43,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "byte_order_keys",
         sql: include_str!("../../../../migrations/0004_byte_order_keys.sql"),
     },
+    Migration {
+        version: 6,
+        name: "history",
+        sql: include_str!("../../../../migrations/0006_history.sql"),
+    },
 ];
