@@ -60,7 +60,7 @@ pub struct Cli {
     /// This process's name as lease owner [default: host:pid:nonce, unique per start].
     #[arg(long, env = "TXBOX_INSTANCE")]
     pub instance: Option<String>,
-    /// Prefix of transactional.id = {prefix}-{schema}-{stream} [default: txbox-relay].
+    /// Prefix of transactional.id = {prefix}-{installation}-{schema}-{stream} [default: txbox-relay].
     #[arg(long, env = "TXBOX_TRANSACTIONAL_ID_PREFIX")]
     pub transactional_id_prefix: Option<String>,
     /// Compacted topic carrying positions in each transaction [default: txbox.relay.positions].

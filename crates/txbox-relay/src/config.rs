@@ -84,7 +84,7 @@ impl fmt::Display for OnReject {
 /// | `notify_channel` | `txbox_outbox` | channel the outbox notifies |
 /// | `lease_ttl` | `10s` | how long a stream lease lasts unrenewed |
 /// | `instance` | `host:pid:nonce`, unique per process start ([`txbox::instance::name`]) | this process's name in `relay_streams.owner` |
-/// | `transactional_id_prefix` | `txbox-relay` | `transactional.id` = `{prefix}-{schema}-{stream}` |
+/// | `transactional_id_prefix` | `txbox-relay` | `transactional.id` = `{prefix}-{installation}-{schema}-{stream}` |
 /// | `position_topic` | `txbox.relay.positions` | compacted topic of positions (exactly-once) |
 /// | `on_reject` | `stop` | or `dead-letter` |
 /// | `prune_batch` | `1000` | rows deleted per prune statement |

@@ -104,6 +104,10 @@ impl Handler for Payments {
             &serde_json::json!({"account": req.account, "amount": req.amount, "balance": balance, "request": msg.event_id()}),
         )
         .map_err(HandlerError::permanent)?
+        // The same id however often this request is applied: a handler
+        // can run again for it (a commit whose acknowledgement was lost, a
+        // replay), and downstream the copies must be one event.
+        .derived_from(msg.event_id(), "settled")
         .key(req.account.clone())
         .event_type("PaymentSettled")
         .source("/payments");

@@ -87,6 +87,39 @@ impl OutboxEvent {
         self
     }
 
+    /// Gives the event an id derived from the event it was derived from:
+    /// the same `source_event_id` and `discriminator` always give the same
+    /// id ([`derived_event_id`](crate::outbox::derived_event_id)).
+    ///
+    /// Use it for events a handler stages from a consumed message. A
+    /// handler can run again for the same message (its first transaction's
+    /// commit was lost, a crash after commit before the offset mirror, a
+    /// replay after a position reset): a fresh random id per run would make
+    /// the second copy a new event to every consumer, while a derived id
+    /// makes it the same event, which a txbox inbox downstream drops. The
+    /// `discriminator` tells apart the several events one message may give
+    /// rise to (`"settled"`, `"receipt"`, `"line-3"`); keep it stable
+    /// across releases. Events not derived from one message (a user's
+    /// request, a scheduled job) keep the default time-ordered id.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use txbox::OutboxEvent;
+    ///
+    /// let first = OutboxEvent::new("payments.settled", "{}").derived_from("req-42", "settled");
+    /// let again = OutboxEvent::new("payments.settled", "{}").derived_from("req-42", "settled");
+    /// let other = OutboxEvent::new("payments.receipts", "{}").derived_from("req-42", "receipt");
+    /// assert_eq!(first.id(), again.id());
+    /// assert_ne!(first.id(), other.id());
+    /// ```
+    pub fn derived_from(self, source_event_id: &str, discriminator: &str) -> Self {
+        self.event_id(crate::outbox::derived_event_id(
+            source_event_id,
+            discriminator,
+        ))
+    }
+
     /// CloudEvents `type` (sent as the `ce_type` header).
     pub fn event_type(mut self, ty: impl Into<String>) -> Self {
         self.event_type = Some(ty.into());
