@@ -3,14 +3,16 @@
 use sqlx::PgPool;
 
 use crate::cursor::OutboxRow;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Moves rejected rows out of the outbox, keeping them for inspection.
 ///
 /// The insert into `relay_dead_letters` and the delete from `outbox` are one
-/// statement (so one transaction), and run only while the given fencing
+/// statement in one transaction, and run only while the given fencing
 /// token is still the stream's (the stream row is locked `FOR SHARE`, so a
-/// concurrent takeover either sees the move or prevents it).
+/// concurrent takeover either sees the move or prevents it). The
+/// transaction commits only if the row deleted is the row inserted: a move
+/// never loses a row.
 #[derive(Clone, Debug)]
 pub(crate) struct DeadLetters {
     stream: i32,
@@ -29,9 +31,12 @@ impl DeadLetters {
                      WHERE id = $3 AND stream = $1 AND EXISTS (SELECT 1 FROM lease)
                      RETURNING id, stream, txid, topic, key, payload, headers, event_id
                  )
-                 INSERT INTO {dead} (outbox_id, stream, txid, topic, key, payload, headers, event_id, error)
-                 SELECT id, stream, txid, topic, key, payload, headers, event_id, $4 FROM moved
-                 ON CONFLICT (outbox_id) DO NOTHING",
+                 , kept AS (
+                    INSERT INTO {dead} (outbox_id, stream, txid, topic, key, payload, headers, event_id, error)
+                    SELECT id, stream, txid, topic, key, payload, headers, event_id, $4 FROM moved
+                    RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM kept)",
                 streams = schema.table("relay_streams"),
                 outbox = schema.table("outbox"),
                 dead = schema.table("relay_dead_letters"),
@@ -40,6 +45,10 @@ impl DeadLetters {
     }
 
     /// Moves `row`; `false` when nothing moved because the lease is lost.
+    ///
+    /// # Errors
+    /// [`Error::Operation`] (and nothing changed) if the dead letter was not
+    /// written for the row deleted; database errors.
     pub(crate) async fn move_row(
         &self,
         pool: &PgPool,
@@ -47,13 +56,26 @@ impl DeadLetters {
         row: &OutboxRow,
         error: &str,
     ) -> Result<bool> {
-        let done = sqlx::query(&self.sql)
+        let mut tx = pool.begin().await?;
+        let (moved, kept): (i64, i64) = sqlx::query_as(&self.sql)
             .bind(self.stream)
             .bind(token)
             .bind(row.id)
             .bind(error)
-            .execute(pool)
+            .fetch_one(&mut *tx)
             .await?;
-        Ok(done.rows_affected() == 1)
+        if moved != kept {
+            tx.rollback().await?;
+            return Err(Error::Operation(
+                format!(
+                    "stream {}: moving outbox row {} to the dead letters deleted {moved} row(s) and kept {kept}; \
+                     rolled back, the row stays in the outbox",
+                    self.stream, row.id
+                )
+                .into(),
+            ));
+        }
+        tx.commit().await?;
+        Ok(moved == 1)
     }
 }

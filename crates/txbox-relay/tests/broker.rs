@@ -366,6 +366,56 @@ async fn rejected_rows_stop_or_dead_letter() {
     assert_eq!(seqs, vec![1, 3]);
 }
 
+/// A dead letter already exists for the rejected row's outbox id (an
+/// identity restarted by a restore, a dead letter kept from before): the
+/// move still keeps the row, as a second dead letter, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_for_a_reused_outbox_id_loses_nothing() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = kafka().await;
+    let topic = broker.topic("reject-reused", 1).await;
+    let big = txbox::OutboxEvent::new(&topic, vec![b'x'; 20_000]).key("k");
+    let big_id = big.id();
+    stage(db.pool(), vec![big]).await;
+    stage(db.pool(), vec![event(&topic, "k", 0, 2)]).await;
+    let row_id: i64 = sqlx::query_scalar("SELECT id FROM txbox.outbox WHERE event_id = $1")
+        .bind(big_id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO txbox.relay_dead_letters (outbox_id, stream, txid, topic, event_id, error)
+         VALUES ($1, 0, '1', 'an-earlier-life', gen_random_uuid(), 'kept from before')",
+    )
+    .bind(row_id)
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    cfg.kafka.insert("message.max.bytes".into(), "10000".into());
+    cfg.on_reject = OnReject::DeadLetter;
+    let relay = Relay::start(cfg);
+    drained(db.pool(), Duration::from_secs(20)).await;
+    let report = relay.stop().await;
+    assert_eq!(report.dead_lettered(), 1);
+    let kept: Vec<(String, Option<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT topic, event_id FROM txbox.relay_dead_letters WHERE outbox_id = $1 ORDER BY id",
+    )
+    .bind(row_id)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept.len(), 2, "both dead letters kept: {kept:?}");
+    assert_eq!(
+        (kept[1].0.as_str(), kept[1].1),
+        (topic.as_str(), Some(big_id))
+    );
+    let seen = consume(broker.bootstrap(), &topic, 1, false).await;
+    assert_eq!(seen.len(), 1, "the row behind it is published");
+}
+
 /// Published rows are pruned behind the position, in small batches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_rows_are_pruned() {

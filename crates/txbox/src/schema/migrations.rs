@@ -48,4 +48,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "history",
         sql: include_str!("../../../../migrations/0006_history.sql"),
     },
+    Migration {
+        version: 7,
+        name: "relay_dead_letter_ids",
+        sql: include_str!("../../../../migrations/0007_relay_dead_letter_ids.sql"),
+    },
 ];
