@@ -427,7 +427,9 @@ impl InboxBuilder {
     }
 
     /// A name for this consumer, recorded as the owner of claimed
-    /// partitions (default: host name and process id).
+    /// partitions (default: [`crate::instance::name`], `host:pid:nonce`,
+    /// unique per process start and shared with a relay in the same
+    /// process).
     pub fn instance(mut self, name: impl Into<String>) -> Self {
         self.owner = Some(name.into());
         self
@@ -461,7 +463,9 @@ impl InboxBuilder {
             // oldest message retained; the workers follow the move.
             self.kafka.set("auto.offset.reset", "earliest");
         }
-        let owner = self.owner.unwrap_or_else(default_owner);
+        let owner = self
+            .owner
+            .unwrap_or_else(|| crate::instance::name().to_owned());
         Ok(Inbox {
             shared: Arc::new(Shared {
                 sql: Statements::new(&self.schema),
@@ -477,9 +481,4 @@ impl InboxBuilder {
             event_ids: self.event_ids,
         })
     }
-}
-
-fn default_owner() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown-host".to_owned());
-    format!("{host}:{}", std::process::id())
 }
