@@ -3,7 +3,9 @@
 //! Deposits arrive on a topic as JSON `{"account": "...", "amount": n}` with a
 //! `ce_id` header. The handler adds the amount to the account, appends one
 //! row to `effects` (no unique constraint: a second application would show
-//! up as a second row), and stages a `BalanceChanged` event in the outbox.
+//! up as a second row; `applied_by` is the writing session's
+//! `application_name`, so a test can tell which process applied it), and
+//! stages a `BalanceChanged` event in the outbox.
 //! [`Bank::check_exactly_once`] compares the database with the deposits
 //! that were produced.
 
@@ -72,7 +74,8 @@ impl Bank {
         sqlx::raw_sql(
             "CREATE TABLE account (id text PRIMARY KEY, balance bigint NOT NULL DEFAULT 0);
              CREATE TABLE effects (event_id text NOT NULL, account text NOT NULL, amount bigint NOT NULL,
-                                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp());",
+                                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                                   applied_by text DEFAULT current_setting('application_name'));",
         )
         .execute(pool)
         .await

@@ -6,7 +6,9 @@
 //! CHAOS_GROUP, CHAOS_BATCH (default 10), CHAOS_SLOW_OFFSET (offset whose
 //! handler sleeps CHAOS_SLOW_SECS, default 3), CHAOS_SESSION_MS (classic
 //! protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
-//! for KIP-848 groups, whose session timeout the broker sets).
+//! for KIP-848 groups, whose session timeout the broker sets), CHAOS_NAME
+//! (the database sessions' `application_name`, recorded in the bank's
+//! `effects.applied_by`).
 
 use std::time::Duration;
 
@@ -26,10 +28,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let env = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
+    let mut connect: sqlx::postgres::PgConnectOptions = env("TXBOX_DATABASE_URL")?.parse()?;
+    if let Ok(name) = env("CHAOS_NAME") {
+        connect = connect.application_name(&name);
+    }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy(&env("TXBOX_DATABASE_URL")?)?;
+        .connect_lazy_with(connect);
     let mut bank = Bank::new(Outbox::new(Schema::default()));
     if let Ok(offset) = env("CHAOS_SLOW_OFFSET") {
         let secs: u64 = std::env::var("CHAOS_SLOW_SECS")

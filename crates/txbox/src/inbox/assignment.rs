@@ -1,11 +1,13 @@
 //! Partition assignment: claim in Postgres, then assign at the stored offset.
 //!
-//! On every assignment the consumer bumps each partition's epoch in
-//! `inbox_offsets` and reads its `next_offset` *before* telling librdkafka
-//! to assign, and assigns at exactly that offset. Nothing is fetched from a
-//! position Postgres did not choose, so there is nothing to discard. The
-//! epoch bump fences any other consumer still working on the partition: its
-//! commit checks the epoch under the row lock and rolls back.
+//! On every assignment the consumer gives each partition a new epoch in
+//! `inbox_offsets` (the next value of the `inbox_epochs` sequence, never
+//! given out before) and reads its `next_offset` *before* telling
+//! librdkafka to assign, and assigns at exactly that offset. Nothing is
+//! fetched from a position Postgres did not choose, so there is nothing to
+//! discard. The new epoch fences any other consumer still working on the
+//! partition: its commit checks the epoch under the row lock and rolls
+//! back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -154,8 +156,9 @@ impl InboxContext {
         }
     }
 
-    /// Bumps the epoch (creating the row at the start position if new) and
-    /// returns the position. Retries until it succeeds or the inbox stops.
+    /// Gives the partition a new epoch (creating the row at the start
+    /// position if new) and returns the position. Retries until it
+    /// succeeds or the inbox stops.
     async fn claim(
         &self,
         base: &BaseConsumer<Self>,
@@ -221,6 +224,7 @@ impl InboxContext {
             .bind(partition)
             .bind(initial)
             .bind(&s.owner)
+            .bind(&s.sql.epochs)
             .fetch_one(&s.pool)
             .await?;
         Ok(Position {

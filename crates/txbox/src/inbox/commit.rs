@@ -53,6 +53,10 @@ pub(crate) enum Attempt {
     },
     /// The database failed; nothing was committed.
     Db(sqlx::Error),
+    /// A statement that must write one row wrote `rows` (a trigger or rule
+    /// discarded it); rolled back, nothing was committed. Retrying would do
+    /// the same.
+    Unwritten { what: &'static str, rows: u64 },
 }
 
 impl From<sqlx::Error> for Attempt {
@@ -280,6 +284,8 @@ pub(crate) struct Failure<'a> {
 
 /// Dead-letters one message and advances past it, in one transaction. Its
 /// event id is recorded as processed, so a replay is not dead-lettered twice.
+/// The dead letter must be one new row: when the insert writes none, the
+/// transaction rolls back and the position stays before the message.
 pub(crate) async fn dead_letter(ctx: Ctx<'_>, pos: &Position, failure: &Failure<'_>) -> Attempt {
     match try_dead_letter(ctx, pos, failure).await {
         Ok(a) | Err(a) => a,
@@ -301,7 +307,7 @@ async fn try_dead_letter(
         .bind([m.offset].as_slice())
         .execute(&mut *tx)
         .await?;
-    sqlx::query(&ctx.sql.dead_letter)
+    let rows = sqlx::query(&ctx.sql.dead_letter)
         .bind(ctx.group)
         .bind(&*m.topic)
         .bind(m.partition)
@@ -315,7 +321,15 @@ async fn try_dead_letter(
         .bind(f.first_failed_at)
         .bind(Utc::now())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+    if rows != 1 {
+        // Advancing now would skip the message with nothing stored.
+        return Err(Attempt::Unwritten {
+            what: "dead letter",
+            rows,
+        });
+    }
     fenced_advance(&mut tx, ctx, pos, m.offset + 1).await?;
     tx.commit().await?;
     Ok(Attempt::Committed {

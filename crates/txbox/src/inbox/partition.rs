@@ -78,8 +78,10 @@ impl PartitionWorker {
                     epoch = self.pos.epoch, "fenced: partition reassigned; in-flight work rolled back");
             }
             Stop::Stopped => {
+                metrics::counter!("txbox_inbox_partitions_stopped_total").increment(1);
                 tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
-                next_offset = self.pos.next_offset, "partition stopped by failure policy")
+                    next_offset = self.pos.next_offset,
+                    "partition stopped: it resumes at this offset after a restart or rebalance")
             }
             Stop::Cancelled => {
                 tracing::debug!(topic = %self.pos.topic, partition = self.pos.partition, "partition released")
@@ -274,6 +276,7 @@ impl PartitionWorker {
                 Attempt::HandlerFailed { index, error } => {
                     return Ok(Outcome::Failed { index, error })
                 }
+                Attempt::Unwritten { what, rows } => return Err(self.unwritten(what, rows)),
                 Attempt::Db(e) => {
                     db_failures += 1;
                     self.db_backoff(db_failures, &e.to_string()).await?;
@@ -381,8 +384,20 @@ impl PartitionWorker {
                     self.db_backoff(db_failures, &e.to_string()).await?;
                 }
                 Attempt::HandlerFailed { .. } => return Err(Stop::Stopped),
+                Attempt::Unwritten { what, rows } => return Err(self.unwritten(what, rows)),
             }
         }
+    }
+
+    /// A row that had to be written was not (a trigger or rule discarded
+    /// it). Going on would advance past a message with nothing stored, and
+    /// retrying would discard it again: stop the partition.
+    fn unwritten(&self, what: &str, rows: u64) -> Stop {
+        tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+            next_offset = self.pos.next_offset, what, rows,
+            "the database wrote no row for the {what} (a trigger or rule on its table?); \
+             rolled back, stopping the partition rather than advancing past the message");
+        Stop::Stopped
     }
 }
 

@@ -43,8 +43,10 @@ pub struct PositionChange {
 ///
 /// The inbox's positions live in Postgres, so this is the counterpart of
 /// `kafka-consumer-groups --reset-offsets` (which would change nothing
-/// here). Every moved partition's epoch is bumped in the same statement: a
-/// consumer still running on it cannot commit again (its transaction rolls
+/// here). Every moved partition's epoch is raised by one in the same
+/// statement (no consumer holds that epoch: consumers hold epochs from
+/// claims, and a row's epoch is never below one a consumer holds for it):
+/// a consumer still running on it cannot commit again (its transaction rolls
 /// back as fenced) and holds the partition without processing it until it
 /// restarts or the group rebalances. So, as with Kafka's tool, stop the
 /// group's consumers first.

@@ -6,8 +6,11 @@ use crate::schema::Schema;
 pub(crate) struct Statements {
     /// $1 group, $2 topic, $3 partition: (epoch, next_offset) if present.
     pub select_offset: String,
-    /// Claims a partition: creates its row at $4, or bumps the epoch.
-    /// Returns (next_offset, epoch).
+    /// Claims a partition ($5 owner, $6 [`Statements::epochs`]): creates
+    /// its row at $4, or gives it a new epoch. Either way the epoch is the
+    /// next value of the `inbox_epochs` sequence, never given out before: a
+    /// zombie's epoch cannot match it, even after the row was deleted and
+    /// created again. Returns (next_offset, epoch).
     pub claim: String,
     /// Inserts event ids; returns the ones not seen before.
     pub insert_processed: String,
@@ -17,8 +20,12 @@ pub(crate) struct Statements {
     /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
     /// $5 epoch, $6 expected next_offset.
     pub advance: String,
+    /// Inserts one dead letter. Plain: nothing about a dead letter is
+    /// unique but its id, and the caller checks that one row was written.
     pub dead_letter: String,
     pub prune: String,
+    /// The epoch sequence's qualified name, bound as a `regclass` text.
+    pub epochs: String,
 }
 
 impl Statements {
@@ -37,9 +44,9 @@ impl Statements {
             ),
             claim: format!(
                 "INSERT INTO {offsets} AS o (consumer_group, topic, partition, next_offset, epoch, owner)
-                 VALUES ($1, $2, $3, $4, 1, $5)
+                 VALUES ($1, $2, $3, $4, nextval($6::regclass), $5)
                  ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-                 SET epoch = o.epoch + 1, owner = EXCLUDED.owner, assigned_at = now()
+                 SET epoch = EXCLUDED.epoch, owner = EXCLUDED.owner, assigned_at = now()
                  RETURNING next_offset, epoch"
             ),
             insert_processed: format!(
@@ -56,9 +63,9 @@ impl Statements {
             dead_letter: format!(
                 "INSERT INTO {dead} (consumer_group, topic, partition, \"offset\", event_id, key, payload,
                                      headers, error, attempts, first_failed_at, last_failed_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                 ON CONFLICT (consumer_group, topic, partition, \"offset\") DO NOTHING"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
             ),
+            epochs: schema.table("inbox_epochs"),
             prune: format!(
                 "DELETE FROM {processed} WHERE ctid = ANY(ARRAY(
                      SELECT ctid FROM {processed}

@@ -44,6 +44,11 @@ pub static MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../../../migrations/0004_byte_order_keys.sql"),
     },
     Migration {
+        version: 5,
+        name: "inbox_dead_letters_and_epochs",
+        sql: include_str!("../../../../migrations/0005_inbox_dead_letters_and_epochs.sql"),
+    },
+    Migration {
         version: 6,
         name: "history",
         sql: include_str!("../../../../migrations/0006_history.sql"),
