@@ -10,6 +10,7 @@
 //! back.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,8 +23,11 @@ use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use futures::FutureExt as _;
+
 use super::commit::{Dedupe, Position};
 use super::config::StartFrom;
+use super::message::panic_message;
 use super::partition::PartitionWorker;
 use super::runtime::Shared;
 use super::InboxMessage;
@@ -272,7 +276,14 @@ impl InboxContext {
             old.cancel.cancel();
         }
         let handle = self.handle.spawn(async move {
-            worker.run().await;
+            let (topic, partition) = (worker.pos.topic.clone(), worker.pos.partition);
+            // Handler panics are caught where the handler runs; this is for
+            // the inbox's own. The partition stays paused, as when stopped.
+            if let Err(panic) = AssertUnwindSafe(worker.run()).catch_unwind().await {
+                metrics::counter!("txbox_inbox_partitions_stopped_total").increment(1);
+                tracing::error!(%topic, partition, panic = panic_message(panic.as_ref()),
+                    "partition worker panicked; the partition is stopped until a restart or rebalance");
+            }
         });
         let mut workers = self
             .workers

@@ -2,14 +2,19 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use futures::FutureExt as _;
 use sqlx::{PgPool, Row};
 
 use super::handler::{BatchHandler, Handler, HandlerError, Tx};
+use super::message::panic_message;
 use super::sql::Statements;
 use super::InboxMessage;
+use crate::headers::Headers;
 
 /// How a partition's messages are applied.
 #[derive(Clone)]
@@ -112,6 +117,19 @@ async fn try_apply(
             duplicates: 0,
         });
     };
+    // A message refused as read (an id Postgres cannot store, unreadable
+    // headers) fails as permanent before anything runs: the messages before
+    // it are applied, it is dead-lettered (or stops the partition).
+    if let Some((index, reason)) = chunk
+        .iter()
+        .enumerate()
+        .find_map(|(i, m)| m.rejected.as_deref().map(|r| (i, r)))
+    {
+        return Err(Attempt::HandlerFailed {
+            index: Some(index),
+            error: HandlerError::permanent(format!("refused before any handler ran: {reason}")),
+        });
+    }
     let mut tx = ctx.pool.begin().await?;
     crate::crash_point!("inbox.before_business_write");
 
@@ -135,8 +153,35 @@ async fn try_apply(
     }
     crate::crash_point!("inbox.after_business_write");
 
-    fenced_advance(&mut tx, ctx, pos, last.offset + 1).await?;
-    tx.commit().await?;
+    // Which message is at fault is known only when one ran.
+    let culprit = (run.len() == 1).then(|| run[0]);
+    match fenced_advance(&mut tx, ctx, pos, last.offset + 1).await {
+        // The handler returned Ok with the transaction aborted: it dropped
+        // a database error. Nothing of it can commit; retrying is up to the
+        // policy's attempts (the error may have been transient).
+        Err(Attempt::Db(e)) if sqlstate_is(&e, |c| c == "25P02") => {
+            return Err(Attempt::HandlerFailed {
+                index: culprit,
+                error: HandlerError::retryable(format!(
+                    "the handler returned Ok but left its transaction aborted (it ignored a \
+                     database error); its writes were rolled back: {e}"
+                )),
+            });
+        }
+        other => other?,
+    }
+    if let Err(e) = tx.commit().await {
+        // A deferred constraint the handler's writes violate fails only
+        // here: the handler's failure, counted as an attempt, not an outage
+        // to wait out.
+        if sqlstate_is(&e, |c| c.starts_with("23")) {
+            return Err(Attempt::HandlerFailed {
+                index: culprit,
+                error: HandlerError::Database(e),
+            });
+        }
+        return Err(e.into());
+    }
     crate::crash_point!("inbox.after_commit");
     Ok(Attempt::Committed {
         applied: run.len(),
@@ -186,6 +231,13 @@ async fn record_ids(
     }
 }
 
+/// True when `e` is a database error whose SQLSTATE satisfies `test`.
+pub(crate) fn sqlstate_is(e: &sqlx::Error, test: impl Fn(&str) -> bool) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| test(&c))
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.is_unique_violation())
@@ -197,10 +249,18 @@ async fn run_handler(
     chunk: &[InboxMessage],
     run: &[usize],
 ) -> Result<(), (Option<usize>, HandlerError)> {
+    // A panic is caught here, so the worker lives on: the transaction
+    // (left wherever the handler was) is dropped, which rolls it back.
     match route {
         Route::Each(h) => {
             for &i in run {
-                h.handle(tx, &chunk[i]).await.map_err(|e| (Some(i), e))?;
+                match AssertUnwindSafe(h.handle(tx, &chunk[i]))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(result) => result.map_err(|e| (Some(i), e))?,
+                    Err(panic) => return Err((Some(i), panicked(&chunk[i], panic.as_ref()))),
+                }
             }
             Ok(())
         }
@@ -210,11 +270,33 @@ async fn run_handler(
             } else {
                 Cow::Owned(run.iter().map(|&i| chunk[i].clone()).collect())
             };
-            h.handle_batch(tx, &msgs)
+            match AssertUnwindSafe(h.handle_batch(tx, &msgs))
+                .catch_unwind()
                 .await
-                .map_err(|e| (e.index.and_then(|j| run.get(j).copied()), e.error))
+            {
+                Ok(result) => {
+                    result.map_err(|e| (e.index.and_then(|j| run.get(j).copied()), e.error))
+                }
+                // Which message made it panic is not known (unless there was
+                // one): the batch is bisected.
+                Err(panic) => {
+                    let culprit = (run.len() == 1).then(|| run[0]);
+                    Err((culprit, panicked(&msgs[0], panic.as_ref())))
+                }
+            }
         }
     }
+}
+
+/// A handler panicked (on a batch starting at `first`): counted, logged,
+/// and a retryable failure (a panic on an unwrapped transient error may not
+/// repeat), so the retry policy's attempts decide its end.
+fn panicked(first: &InboxMessage, panic: &(dyn std::any::Any + Send)) -> HandlerError {
+    let message = panic_message(panic);
+    metrics::counter!("txbox_inbox_handler_panics_total").increment(1);
+    tracing::error!(topic = %first.topic, partition = first.partition, offset = first.offset,
+        panic = message, "handler panicked; its transaction is rolled back");
+    HandlerError::retryable(format!("the handler panicked: {message}"))
 }
 
 /// Advances the partition to `next` if this consumer's epoch and expected
@@ -299,24 +381,28 @@ async fn try_dead_letter(
 ) -> Result<Attempt, Attempt> {
     let m = f.message;
     let mut tx = ctx.pool.begin().await?;
-    sqlx::query(&ctx.sql.insert_processed)
-        .bind(ctx.group)
-        .bind([m.event_id.as_str()].as_slice())
-        .bind(&*pos.topic)
-        .bind(pos.partition)
-        .bind([m.offset].as_slice())
-        .execute(&mut *tx)
-        .await?;
+    // An id with a NUL cannot be stored (nor deduplicated): a replay of the
+    // message is dead-lettered again.
+    if !m.event_id.contains('\0') {
+        sqlx::query(&ctx.sql.insert_processed)
+            .bind(ctx.group)
+            .bind([m.event_id.as_str()].as_slice())
+            .bind(&*pos.topic)
+            .bind(pos.partition)
+            .bind([m.offset].as_slice())
+            .execute(&mut *tx)
+            .await?;
+    }
     let rows = sqlx::query(&ctx.sql.dead_letter)
         .bind(ctx.group)
         .bind(&*m.topic)
         .bind(m.partition)
         .bind(m.offset)
-        .bind(&m.event_id)
+        .bind(text(&m.event_id))
         .bind(m.key.as_deref())
         .bind(m.payload.as_deref())
-        .bind(m.headers.to_json())
-        .bind(&f.error)
+        .bind(storable_headers(&m.headers))
+        .bind(text(&f.error))
         .bind(i32::try_from(f.attempts).unwrap_or(i32::MAX))
         .bind(f.first_failed_at)
         .bind(Utc::now())
@@ -336,4 +422,69 @@ async fn try_dead_letter(
         applied: 0,
         duplicates: 0,
     })
+}
+
+/// `s` as PostgreSQL `text` can hold it: each NUL replaced by U+FFFD.
+fn text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// The headers in their stored `jsonb` form ([`Headers::to_json`]'s, read
+/// back by [`Headers::from_json`]), except that a value with a NUL byte is
+/// stored as `value_base64` even when it is UTF-8: `jsonb` refuses the
+/// `\u0000` escape. Values are kept byte for byte. A NUL in a name (which
+/// librdkafka cannot deliver: it hands names over as C strings) becomes
+/// U+FFFD.
+pub(crate) fn storable_headers(headers: &Headers) -> serde_json::Value {
+    let stored = headers
+        .iter()
+        .map(|(key, value)| {
+            let mut h = serde_json::Map::new();
+            h.insert("key".into(), text(key).into_owned().into());
+            if let Some(bytes) = value {
+                match std::str::from_utf8(bytes) {
+                    Ok(s) if !s.contains('\0') => h.insert("value".into(), s.into()),
+                    _ => h.insert(
+                        "value_base64".into(),
+                        base64::engine::general_purpose::STANDARD
+                            .encode(bytes)
+                            .into(),
+                    ),
+                };
+            }
+            serde_json::Value::Object(h)
+        })
+        .collect();
+    serde_json::Value::Array(stored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_headers_hold_no_nul_and_read_back_byte_for_byte() {
+        let mut h = Headers::new();
+        h.insert("text", "plain");
+        h.insert("nul", "a\0b");
+        h.insert("binary", vec![0xff, 0x00, 0xfe]);
+        h.insert("empty", Vec::new());
+        h.insert("text", "again");
+        let stored = storable_headers(&h);
+        assert!(!stored.to_string().contains("\\u0000"), "{stored}");
+        assert_eq!(Headers::from_json(&stored).expect("stored form"), h);
+
+        let mut no_nul = Headers::new();
+        no_nul.insert("text", "plain");
+        no_nul.insert("binary", vec![0xff, 0x00, 0xfe]);
+        assert_eq!(
+            storable_headers(&no_nul),
+            no_nul.to_json(),
+            "Headers::to_json's form wherever that form is storable"
+        );
+    }
 }

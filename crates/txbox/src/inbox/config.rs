@@ -45,7 +45,10 @@ impl Default for RetryPolicy {
 #[non_exhaustive]
 pub enum FailureAction {
     /// Write it to `inbox_dead_letters` and advance the offset past it, in
-    /// one transaction (the default). Later messages keep flowing.
+    /// one transaction (the default). Later messages keep flowing. When the
+    /// dead letter cannot be stored (no row written, or the database
+    /// refuses its content), the partition stops instead, before the
+    /// message.
     #[default]
     DeadLetter,
     /// Stop consuming that partition (others go on) and log the error; the

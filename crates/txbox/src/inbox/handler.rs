@@ -17,6 +17,13 @@ pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 /// an error to roll everything back: [`HandlerError::retryable`] to try
 /// again later, [`HandlerError::permanent`] to dead-letter at once.
 ///
+/// Two mistakes are caught and treated as retryable failures (so the retry
+/// policy's attempts end them in a dead letter or a stopped partition): a
+/// panic (the transaction is rolled back, the partition goes on), and
+/// returning `Ok` after ignoring a database error (PostgreSQL has aborted
+/// the transaction; nothing of it can commit). A violation of a deferred
+/// constraint, reported at COMMIT, counts as the handler's failure too.
+///
 /// # Examples
 ///
 /// ```

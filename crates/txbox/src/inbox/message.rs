@@ -1,10 +1,13 @@
 //! A consumed Kafka message as a handler sees it.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 
+use super::EventIdSource;
 use crate::error::BoxError;
 use crate::headers::Headers;
 
@@ -41,6 +44,9 @@ pub struct InboxMessage {
     pub(crate) headers: Headers,
     pub(crate) timestamp: Option<DateTime<Utc>>,
     pub(crate) event_id: String,
+    /// Why the inbox refuses the message before any handler runs (see
+    /// [`identify`]): it is dead-lettered at once, or stops the partition.
+    pub(crate) rejected: Option<String>,
 }
 
 /// A payload that could not be decoded. Permanent: it is dead-lettered.
@@ -68,6 +74,7 @@ impl InboxMessage {
             headers: Headers::new(),
             timestamp: None,
             event_id: position_id(topic, partition, offset),
+            rejected: None,
         }
     }
 
@@ -162,4 +169,109 @@ impl InboxMessage {
 
 pub(crate) fn position_id(topic: &str, partition: i32, offset: i64) -> String {
     format!("{topic}/{partition}/{offset}")
+}
+
+/// A consumed message's headers and event id, and why it must be refused
+/// before any handler runs, if it must.
+#[derive(Debug)]
+pub(crate) struct Identity {
+    pub headers: Headers,
+    pub event_id: String,
+    pub rejected: Option<String>,
+}
+
+/// Reads the headers (`read_headers`) and resolves the event id (`source`,
+/// else `position`), without letting a panic escape into the consume loop:
+///
+/// - rdkafka's header iterator panics on a header name that is not UTF-8
+///   (it unwraps `CStr::to_str`); the message then has no headers, its id is
+///   its position, and it is refused;
+/// - an extractor that panics: the id is the position, and it is refused;
+/// - an id with a NUL byte (valid UTF-8, but PostgreSQL `text` cannot hold
+///   it, so it cannot be deduplicated): refused.
+///
+/// A refused message is dead-lettered at once (or stops the partition).
+/// Without unwinding (`panic = "abort"`) a panic still aborts the process.
+pub(crate) fn identify(
+    source: &EventIdSource,
+    read_headers: impl FnOnce() -> Headers,
+    payload: Option<&[u8]>,
+    position: impl FnOnce() -> String,
+) -> Identity {
+    let (headers, mut rejected) = match catch_unwind(AssertUnwindSafe(read_headers)) {
+        Ok(h) => (h, None),
+        Err(_) => (
+            Headers::new(),
+            Some(
+                "its headers cannot be read (a header name is not UTF-8); none are kept".to_owned(),
+            ),
+        ),
+    };
+    let resolved = if rejected.is_some() {
+        None
+    } else {
+        match catch_unwind(AssertUnwindSafe(|| source.resolve(&headers, payload))) {
+            Ok(id) => id,
+            Err(panic) => {
+                rejected = Some(format!(
+                    "the event id extractor panicked: {}",
+                    panic_message(panic.as_ref())
+                ));
+                None
+            }
+        }
+    };
+    let event_id = resolved.unwrap_or_else(position);
+    if rejected.is_none() && event_id.contains('\0') {
+        rejected = Some(
+            "its event id contains a NUL byte, which PostgreSQL text cannot store, so it \
+             cannot be deduplicated"
+                .to_owned(),
+        );
+    }
+    Identity {
+        headers,
+        event_id,
+        rejected,
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a message gives a `&str`
+/// or a `String`).
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_and_nul_ids_are_refused_with_the_position_as_id() {
+        let pos = || "t/0/7".to_owned();
+        let mut h = Headers::new();
+        h.insert("ce_id", "a\0b");
+        let nul = identify(&EventIdSource::default(), || h.clone(), None, pos);
+        assert_eq!(nul.event_id, "a\0b");
+        assert!(nul.rejected.is_some_and(|r| r.contains("NUL")));
+
+        let unreadable = identify(&EventIdSource::default(), || panic!("bad name"), None, pos);
+        assert_eq!(
+            (unreadable.event_id.as_str(), unreadable.headers.len()),
+            ("t/0/7", 0)
+        );
+        assert!(unreadable.rejected.is_some_and(|r| r.contains("headers")));
+
+        let extractor = EventIdSource::extract(|_, _| panic!("no id here"));
+        let panicked = identify(&extractor, Headers::new, None, pos);
+        assert_eq!(panicked.event_id, "t/0/7");
+        assert!(panicked.rejected.is_some_and(|r| r.contains("no id here")));
+
+        let fine = identify(&EventIdSource::default(), Headers::new, None, pos);
+        assert_eq!((fine.event_id.as_str(), fine.rejected), ("t/0/7", None));
+    }
 }

@@ -13,6 +13,14 @@
 //! there. See the crate docs and `ADR/0001` for the guarantees and their
 //! boundaries.
 //!
+//! A message that cannot be applied as given ends as one dead letter in
+//! `inbox_dead_letters` (payload, key and headers byte for byte), or stops
+//! its partition with [`FailureAction::StopPartition`]: never an endless
+//! retry or a skip with nothing stored. That covers handler errors, panics
+//! and transactions a handler left aborted, and messages refused before any
+//! handler runs (an event id with a NUL byte, which PostgreSQL cannot
+//! store; headers that cannot be read).
+//!
 //! When a stored position is out of the log's range (a topic deleted and
 //! recreated, retention, a truncated log), Kafka moves the partition by
 //! `auto.offset.reset` and the inbox follows it, backwards too, so a new

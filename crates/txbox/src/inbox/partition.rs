@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::commit::{self, Attempt, Ctx, Dedupe, Failure, Position, Route};
+use super::commit::{self, sqlstate_is, Attempt, Ctx, Dedupe, Failure, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
 use super::message::position_id;
@@ -379,6 +379,17 @@ impl PartitionWorker {
                 }
                 Attempt::Resync { next_offset } => self.advance_to(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
+                // The database refuses what the row holds (data exception,
+                // constraint): retrying writes the same row. Stop, with the
+                // position before the message, rather than loop.
+                Attempt::Db(e)
+                    if sqlstate_is(&e, |c| c.starts_with("22") || c.starts_with("23")) =>
+                {
+                    tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+                        next_offset = self.pos.next_offset, error = %e,
+                        "the database refuses the row; rolled back, stopping the partition");
+                    return Err(Stop::Stopped);
+                }
                 Attempt::Db(e) => {
                     db_failures += 1;
                     self.db_backoff(db_failures, &e.to_string()).await?;

@@ -17,7 +17,7 @@ use super::assignment::InboxContext;
 use super::commit::Route;
 use super::config::{FailureAction, Options, RetryPolicy, StartFrom};
 use super::handler::{BatchHandler, Handler};
-use super::message::position_id;
+use super::message::{identify, position_id, Identity};
 use super::sql::Statements;
 use super::{EventIdSource, InboxMessage};
 use crate::error::{Error, Result};
@@ -208,12 +208,17 @@ impl Inbox {
 
     fn to_owned(&self, m: &BorrowedMessage<'_>) -> InboxMessage {
         let topic = m.topic();
-        let headers = Headers::from_kafka(m.headers());
         let payload = m.payload().map(<[u8]>::to_vec);
-        let event_id = self
-            .event_ids
-            .resolve(&headers, payload.as_deref())
-            .unwrap_or_else(|| position_id(topic, m.partition(), m.offset()));
+        let Identity {
+            headers,
+            event_id,
+            rejected,
+        } = identify(
+            &self.event_ids,
+            || Headers::from_kafka(m.headers()),
+            payload.as_deref(),
+            || position_id(topic, m.partition(), m.offset()),
+        );
         InboxMessage {
             topic: self
                 .shared
@@ -230,6 +235,7 @@ impl Inbox {
                 .to_millis()
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
             event_id,
+            rejected,
         }
     }
 }
