@@ -1,23 +1,34 @@
 //! `txbox-relay-bench`: how fast the relay drains an outbox, against a
-//! plain producer, and how long an event takes from its staging commit to
-//! a consumer.
+//! plain transactional producer and a plain idempotent producer, and how
+//! long an event takes from its staging commit until a `read_committed`
+//! consumer sees it.
 //!
-//! Run with (release build, a broker and PostgreSQL up):
+//! Run with (release build, Apache Kafka and PostgreSQL up, e.g. from
+//! `scripts/dev-up`, then `source .txbox/env`):
 //!
 //! ```text
-//! cargo run --release -p txbox-relay --bin txbox-relay-bench -- \
-//!     --bootstrap 127.0.0.1:9092 --events 1000000
+//! cargo run --release -p txbox-relay --bin txbox-relay-bench -- --events 1000000
 //! ```
 //!
-//! Steps, all in one run on a fresh database (dropped at the end):
+//! Steps, all in one run against one broker, on a fresh database (dropped
+//! at the end):
 //! 1. pre-fill the outbox with `--events` events of `--payload-bytes`
 //!    bytes over 1,000 keys, in transactions of 10,000 rows;
-//! 2. (a) drain it with the relay (at-least-once) and report events/s;
-//! 3. (b) send the same number of records with a plain idempotent
-//!    producer and report records/s, and (c) the ratio;
-//! 4. (d) stage `--rate` events/s (transactions of 10, with NOTIFY) for
+//! 2. drain it with the relay (`--mode`, exactly-once by default: one
+//!    Kafka transaction per batch of `--batch-size` rows) and report
+//!    events/s, timed from the relay's start (its `init_transactions`,
+//!    position recovery and probe transaction included);
+//! 3. baseline (a): a plain transactional producer (its own
+//!    `transactional.id`, `init_transactions`, then begin / produce
+//!    `--batch-size` records / commit until the same number of records of
+//!    the same size over the same keys is out), records/s, timed from
+//!    `init_transactions`;
+//! 4. baseline (b): a plain idempotent producer, same records, records/s;
+//! 5. the ratios relay / (a) and relay / (b);
+//! 6. stage `--rate` events/s (transactions of 10, with NOTIFY) for
 //!    `--seconds` while the relay runs, and report the latency from each
-//!    staging commit until a consumer reads the record (p50, p99, max).
+//!    staging commit until a consumer with `isolation.level=read_committed`
+//!    reads the record (p50, p99, max).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,8 +40,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -45,7 +57,7 @@ use uuid::Uuid;
 )]
 struct Args {
     /// Kafka bootstrap servers (e.g. the Apache Kafka started by scripts/dev-up).
-    #[arg(long, env = "TXBOX_TEST_KAFKA")]
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
     bootstrap: String,
     /// PostgreSQL server URL; a fresh database is created on it.
     #[arg(
@@ -54,13 +66,17 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
+    /// The relay's mode.
+    #[arg(long, value_enum, default_value_t = Mode::ExactlyOnce)]
+    mode: Mode,
     /// Events to pre-fill and drain.
     #[arg(long, default_value_t = 1_000_000)]
     events: usize,
     /// Payload size in bytes.
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
-    /// Relay batch size.
+    /// Relay batch size (rows per Kafka transaction in exactly-once mode),
+    /// also the transaction size of baseline (a).
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
     /// Partitions of the benchmark topics.
@@ -75,9 +91,27 @@ struct Args {
     /// Skip the latency phase.
     #[arg(long)]
     no_latency: bool,
+    /// Skip the baselines (relay drain and latency only).
+    #[arg(long)]
+    no_baselines: bool,
     /// Extra librdkafka option for the relay, key=value (repeatable).
     #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
     kafka_options: Vec<String>,
+    /// Extra librdkafka option for both baseline producers, key=value
+    /// (repeatable).
+    #[arg(long = "baseline-kafka-option", value_name = "KEY=VALUE")]
+    baseline_kafka_options: Vec<String>,
+}
+
+/// Splits `key=value` options.
+fn kafka_options(flag: &str, options: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    options
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => bail!("--{flag} {kv:?} must be key=value"),
+        })
+        .collect()
 }
 
 #[tokio::main]
@@ -96,16 +130,25 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let relay_topic = format!("bench-relay-{run}");
+    let txn_topic = format!("bench-txn-{run}");
     let plain_topic = format!("bench-plain-{run}");
     let latency_topic = format!("bench-latency-{run}");
-    for t in [&relay_topic, &plain_topic, &latency_topic] {
+    for t in [&relay_topic, &txn_topic, &plain_topic, &latency_topic] {
         create_topic(&args.bootstrap, t, args.partitions).await?;
     }
     println!(
-        "txbox-relay-bench: {} events x {} B, batch {}, {} partitions, broker {}",
-        args.events, args.payload_bytes, args.batch_size, args.partitions, args.bootstrap
+        "txbox-relay-bench: {} events x {} B, relay {}, batch {}, {} partitions, broker {}",
+        args.events,
+        args.payload_bytes,
+        args.mode,
+        args.batch_size,
+        args.partitions,
+        args.bootstrap
     );
 
     // 1. Pre-fill.
@@ -121,26 +164,35 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
 
     // 2. Drain with the relay.
     let mut config = RelayConfig::new(&db.url, &args.bootstrap);
-    config.mode = Mode::AtLeastOnce;
+    config.mode = args.mode;
     config.batch_size = args.batch_size;
     config.poll_interval = Duration::from_millis(20);
     config.instance = format!("bench-{run}");
-    for kv in &args.kafka_options {
-        let Some((k, v)) = kv.split_once('=') else {
-            bail!("--kafka-option {kv:?} must be key=value");
-        };
-        config.kafka.insert(k.to_owned(), v.to_owned());
-    }
+    // A transactional.id and position topic of this run's own: nothing
+    // from an earlier run (or a test on the same broker) is recovered or
+    // fenced.
+    config.transactional_id_prefix = format!("txbox-relay-bench-{run}");
+    config.position_topic = format!("bench-positions-{run}");
+    config
+        .kafka
+        .extend(kafka_options("kafka-option", &args.kafka_options)?);
+    let baseline_options = kafka_options("baseline-kafka-option", &args.baseline_kafka_options)?;
     let shutdown = CancellationToken::new();
     let t = Instant::now();
     let relay = tokio::spawn(txbox_relay::run(config, shutdown.clone()));
     let expected = i64::try_from(args.events)?;
+    // The first batch recorded: (time since start, rows).
+    let mut first_batch: Option<(Duration, i64)> = None;
     loop {
         let published: Option<i64> =
             sqlx::query_scalar("SELECT published FROM txbox.relay_streams WHERE stream = 0")
                 .fetch_optional(&db.pool)
                 .await?;
-        if published.unwrap_or(0) >= expected {
+        let published = published.unwrap_or(0);
+        if published > 0 && first_batch.is_none() {
+            first_batch = Some((t.elapsed(), published));
+        }
+        if published >= expected {
             break;
         }
         if relay.is_finished() {
@@ -151,27 +203,59 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
     let drain = t.elapsed();
     let relay_rate = args.events as f64 / drain.as_secs_f64();
     println!(
-        "(a) relay drain (at-least-once): {} events in {:.2}s = {:.0} events/s",
+        "relay drain ({}): {} events in {:.2}s = {:.0} events/s",
+        args.mode,
         args.events,
         drain.as_secs_f64(),
         relay_rate
     );
+    if let Some((at, rows)) = first_batch.filter(|(at, _)| *at < drain) {
+        // Not what the ratios use: without the relay's start (lease,
+        // init_transactions, position topic, probe transaction).
+        println!(
+            "  start to first batch recorded {:.2}s; from there {:.0} events/s",
+            at.as_secs_f64(),
+            (expected - rows) as f64 / (drain - at).as_secs_f64()
+        );
+    }
 
-    // 3. Plain producer, same records.
-    let plain_rate = plain_producer(
-        &args.bootstrap,
-        &plain_topic,
-        args.events,
-        args.payload_bytes,
-    )
-    .await?;
-    println!(
-        "(b) plain idempotent producer: {} records = {:.0} records/s",
-        args.events, plain_rate
-    );
-    println!("(c) relay / plain = {:.2}", relay_rate / plain_rate);
+    if !args.no_baselines {
+        let records = Arc::new(records(args.events, args.payload_bytes));
+        // 3. Plain transactional producer, same records, same transaction size.
+        let txn_rate = {
+            let config = baseline_config(&args.bootstrap, &baseline_options);
+            let (topic, records) = (txn_topic.clone(), records.clone());
+            let transactional_id = format!("bench-txn-{run}");
+            let per_txn = args.batch_size;
+            tokio::task::spawn_blocking(move || {
+                transactional_producer(config, &topic, &transactional_id, &records, per_txn)
+            })
+            .await??
+        };
+        println!(
+            "(a) plain transactional producer: {} records in transactions of {} = {:.0} records/s",
+            args.events, args.batch_size, txn_rate
+        );
+        // 4. Plain idempotent producer, same records.
+        let plain_rate = plain_producer(
+            baseline_config(&args.bootstrap, &baseline_options),
+            &plain_topic,
+            &records,
+        )
+        .await?;
+        println!(
+            "(b) plain idempotent producer: {} records = {:.0} records/s",
+            args.events, plain_rate
+        );
+        // 5. Ratios.
+        println!(
+            "relay / (a) = {:.2}, relay / (b) = {:.2}",
+            relay_rate / txn_rate,
+            relay_rate / plain_rate
+        );
+    }
 
-    // 4. Latency at a steady rate, with the relay still running.
+    // 6. Latency at a steady rate, with the relay still running.
     if !args.no_latency {
         latency(args, &db.pool, &latency_topic).await?;
     }
@@ -213,21 +297,13 @@ async fn prefill(pool: &PgPool, topic: &str, events: usize, bytes: usize) -> any
     Ok(())
 }
 
-async fn plain_producer(
-    bootstrap: &str,
-    topic: &str,
-    events: usize,
-    bytes: usize,
-) -> anyhow::Result<f64> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
-        .create()?;
-    let records: Vec<(Vec<u8>, Vec<u8>, String)> = (0..events)
+/// A record of the baselines: key, payload, event id (the `ce_id` header).
+type BenchRecord = (Vec<u8>, Vec<u8>, String);
+
+/// The records the relay publishes for the pre-filled rows: keys
+/// `k0..k999`, payloads of `bytes` bytes, a fresh event id each.
+fn records(events: usize, bytes: usize) -> Vec<BenchRecord> {
+    (0..events)
         .map(|i| {
             let mut payload = format!("{i}:").into_bytes();
             payload.resize(bytes, b'x');
@@ -237,33 +313,126 @@ async fn plain_producer(
                 Uuid::new_v4().to_string(),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The headers the relay sends with every row.
+fn headers(id: &str) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "ce_id",
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+}
+
+/// Producer settings both baselines share (the relay's guarantees:
+/// idempotence, `acks=all`, the Java client's key hashing), then `extra`.
+fn baseline_config(bootstrap: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "200000");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Baseline (a): `init_transactions`, then one transaction per `per_txn`
+/// records: begin, produce, wait for the delivery reports, commit.
+/// Blocking; run off the async threads. Returns records/s, timed from
+/// `init_transactions`.
+///
+/// The wait before the commit is what the relay does too, and it matters:
+/// rust-rdkafka's `commit_transaction` first flushes with
+/// `rd_kafka_flush(0)` and, while records are in flight, a `poll` of 100 ms
+/// that runs to its end (`FutureProducer`: its own thread serves the
+/// events), so committing straight after the last produce costs up to
+/// 100 ms per transaction.
+fn transactional_producer(
+    mut config: ClientConfig,
+    topic: &str,
+    transactional_id: &str,
+    records: &[BenchRecord],
+    per_txn: usize,
+) -> anyhow::Result<f64> {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let producer: FutureProducer = config
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "30000")
+        .create()?;
+    let t = Instant::now();
+    producer
+        .init_transactions(TIMEOUT)
+        .context("(a) init_transactions")?;
+    let mut pending = Vec::with_capacity(per_txn);
+    for chunk in records.chunks(per_txn.max(1)) {
+        producer
+            .begin_transaction()
+            .context("(a) begin_transaction")?;
+        for (key, payload, id) in chunk {
+            let mut rec = FutureRecord::to(topic)
+                .key(key.as_slice())
+                .payload(payload.as_slice())
+                .headers(headers(id));
+            loop {
+                match producer.send_result(rec) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => bail!("(a) transactional producer: {e}"),
+                }
+            }
+        }
+        for delivery in pending.drain(..) {
+            match futures::executor::block_on(delivery) {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("(a) transactional producer delivery: {e}"),
+                Err(_) => bail!("(a) transactional producer: delivery report lost"),
+            }
+        }
+        producer
+            .commit_transaction(TIMEOUT)
+            .context("(a) commit_transaction")?;
+    }
+    Ok(records.len() as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Baseline (b): every record through an idempotent producer, then every
+/// delivery report awaited. Returns records/s.
+async fn plain_producer(
+    config: ClientConfig,
+    topic: &str,
+    records: &[BenchRecord],
+) -> anyhow::Result<f64> {
+    let producer: FutureProducer = config.create()?;
+    let events = records.len();
     let t = Instant::now();
     let mut pending = Vec::with_capacity(events);
-    for (key, payload, id) in &records {
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_id",
-                value: Some(id.as_bytes()),
-            })
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            });
+    for (key, payload, id) in records {
         let mut rec = FutureRecord::to(topic)
             .key(key.as_slice())
             .payload(payload.as_slice())
-            .headers(headers);
+            .headers(headers(id));
         loop {
             match producer.send_result(rec) {
                 Ok(f) => {
                     pending.push(f);
                     break;
                 }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     rec = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -288,6 +457,10 @@ async fn latency(args: &Args, pool: &PgPool, topic: &str) -> anyhow::Result<()> 
             .set("bootstrap.servers", &args.bootstrap)
             .set("group.id", format!("bench-{}", Uuid::new_v4()))
             .set("enable.auto.commit", "false")
+            // librdkafka's default, spelled out: the relay's aborted
+            // transactions must not count, and a record becomes visible
+            // only once its transaction's commit marker is written.
+            .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "5")
             .set("fetch.min.bytes", "1")
             .create()?;
@@ -374,7 +547,8 @@ async fn latency(args: &Args, pool: &PgPool, topic: &str) -> anyhow::Result<()> 
     }
     let pct = |p: f64| l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1];
     println!(
-        "(d) latency commit -> consumer at {} events/s for {}s: {} of {} seen; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "latency commit -> read_committed consumer ({} relay) at {} events/s for {}s: {} of {} seen; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        args.mode,
         args.rate,
         args.seconds,
         l.len(),
