@@ -66,7 +66,7 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     let spawn = || Child::spawn(Path::new(BIN), &[], &env);
     let (mut killed, mut frozen, mut steady) = (spawn(), spawn(), spawn());
 
-    // Deposits arrive in 40 slices, 350 ms apart: about 14 s, so that they
+    // Deposits arrive in 60 slices, 350 ms apart: about 21 s, so that they
     // still arrive (on every partition) while a member is frozen.
     let produced = Arc::new(AtomicUsize::new(0));
     let producer = {
@@ -74,7 +74,7 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
         let records = Bank::records(&deposits);
         let produced = produced.clone();
         tokio::spawn(async move {
-            for slice in records.chunks(DEPOSITS / 40) {
+            for slice in records.chunks(DEPOSITS / 60) {
                 txbox_testkit::kafka::produce(&bootstrap, &topic, slice.to_vec()).await;
                 produced.fetch_add(slice.len(), Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(350)).await;

@@ -34,6 +34,12 @@ pub struct ReAnchorArgs {
     /// The relay stream.
     #[arg(long)]
     pub stream: i32,
+    /// Also give the schema a new installation id: for a copy of a database
+    /// (CREATE DATABASE ... TEMPLATE, a dump restored beside the original)
+    /// that runs as a service of its own. Re-anchor every other stream of
+    /// the schema afterwards.
+    #[arg(long)]
+    pub new_installation: bool,
     /// Apply (otherwise only print what would change).
     #[arg(long)]
     pub execute: bool,
@@ -42,7 +48,7 @@ pub struct ReAnchorArgs {
 /// Runs `txbox relay re-anchor`.
 pub async fn run(pool: &PgPool, schema: &Schema, args: ReAnchorArgs) -> anyhow::Result<()> {
     let plan = Histories::new(schema)
-        .re_anchor(pool, args.stream, args.execute)
+        .re_anchor(pool, args.stream, args.new_installation, args.execute)
         .await?;
     println!("relay stream {}:", plan.stream);
     println!(
@@ -54,20 +60,22 @@ pub async fn run(pool: &PgPool, schema: &Schema, args: ReAnchorArgs) -> anyhow::
         "  this database: history {}, next transaction id {}",
         plan.current, plan.xmax
     );
+    let (verb, done) = match &plan.anchor {
+        Some(anchor) => ("now", format!("re-anchored as {anchor}")),
+        None => (
+            "would be",
+            "dry run: nothing changed (add --execute to apply)".to_owned(),
+        ),
+    };
     println!(
-        "  re-anchored: position {}, history {}; the {} row(s) in the stream's outbox are published again",
+        "  position {verb} {}, in history {}; the {} row(s) in the stream's outbox (of which {} carry \
+         transaction ids from this history's future) {verb} given the re-anchoring transaction's id and \
+         published again",
         Position::START,
         plan.current,
-        plan.backlog
-    );
-    println!(
-        "  {} of them carry transaction ids from this history's future and get the re-anchoring transaction's id",
+        plan.backlog,
         plan.future
     );
-    if plan.applied {
-        println!("done");
-    } else {
-        println!("dry run: nothing changed (add --execute to apply)");
-    }
+    println!("{done}");
     Ok(())
 }

@@ -8,11 +8,15 @@
 //! its pruner would delete them.
 //!
 //! So every position is recorded with the identity of its history,
-//! `{installation}@{system_identifier}`: the installation id the migration
-//! created (copied by a dump, kept by a physical standby) and the
-//! cluster's `system_identifier` (new in every cluster `initdb` or a
-//! restore creates, shared by physical standbys). The relay checks, when
-//! it takes a stream and before every prune, that
+//! `{installation}@{system_identifier}/{database oid}`: the installation id
+//! the migration created (copied by a dump or a template, kept by a
+//! physical standby), the cluster's `system_identifier` (new in every
+//! cluster `initdb` or a restore creates, shared by physical standbys) and
+//! the database's oid (new for a copy in the same cluster), followed by
+//! `~{anchor}`, an id drawn each time the stream is anchored (so that
+//! `txbox relay re-anchor` retires every position recorded before it, also
+//! on Kafka). The relay checks, when it takes a stream and before every
+//! prune, that
 //!
 //! - the stream's stored history is the database's current one, and
 //! - the stored position's txid is below the current snapshot's `xmax`
@@ -37,11 +41,32 @@ pub struct History {
     pub installation: uuid::Uuid,
     /// The PostgreSQL cluster's `system_identifier`.
     pub system_identifier: i64,
+    /// The database's oid.
+    pub database: i64,
 }
 
 impl fmt::Display for History {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.installation, self.system_identifier)
+        write!(
+            f,
+            "{}@{}/{}",
+            self.installation, self.system_identifier, self.database
+        )
+    }
+}
+
+impl History {
+    /// A new anchor in this history: `{history}~{random id}`, the form
+    /// positions are stored with.
+    pub fn new_anchor(&self) -> String {
+        format!("{self}~{}", uuid::Uuid::new_v4().simple())
+    }
+
+    /// The history part of a stored anchor (everything before `~`).
+    pub fn of_anchor(anchor: &str) -> &str {
+        anchor
+            .split_once('~')
+            .map_or(anchor, |(history, _)| history)
     }
 }
 
@@ -54,6 +79,7 @@ pub struct Histories {
     backlog_sql: String,
     re_anchor_sql: String,
     rewrite_sql: String,
+    new_installation_sql: String,
 }
 
 /// What [`Histories::re_anchor`] found, and did.
@@ -73,12 +99,15 @@ pub struct ReAnchor {
     /// Rows in the stream's outbox, all published again after it.
     pub backlog: i64,
     /// Of those, rows whose transaction id lies in this history's future
-    /// (copied from a history that had run further): they are given the
-    /// re-anchoring transaction's id, or they would wait, unpublished,
-    /// until this database's counter caught up with them.
+    /// (copied from a history that had run further): without a new id they
+    /// would wait, unpublished, until this database's counter caught up.
     pub future: i64,
-    /// Whether the stream was re-anchored (false: a dry run).
-    pub applied: bool,
+    /// Rows given the re-anchoring transaction's id (all of the backlog:
+    /// they are then published in id order, which keeps each key's
+    /// staging order).
+    pub rewritten: i64,
+    /// The anchor recorded (`None` in a dry run).
+    pub anchor: Option<String>,
 }
 
 /// What [`Histories::check`] found.
@@ -97,6 +126,7 @@ impl Histories {
         Histories {
             current_sql: format!(
                 "SELECT i.id, c.system_identifier::bigint,
+                        (SELECT oid::bigint FROM pg_database WHERE datname = current_database()),
                         pg_snapshot_xmax(pg_current_snapshot())::text::bigint
                    FROM {installation} i, pg_control_system() c",
                 installation = schema.table("installation"),
@@ -118,9 +148,12 @@ impl Histories {
                 outbox = schema.table("outbox"),
             ),
             rewrite_sql: format!(
-                "UPDATE {outbox} SET txid = pg_current_xact_id()
-                  WHERE stream = $1 AND txid >= pg_snapshot_xmax(pg_current_snapshot())",
+                "UPDATE {outbox} SET txid = pg_current_xact_id() WHERE stream = $1",
                 outbox = schema.table("outbox"),
+            ),
+            new_installation_sql: format!(
+                "UPDATE {installation} SET id = $1",
+                installation = schema.table("installation"),
             ),
             re_anchor_sql: format!(
                 "UPDATE {streams}
@@ -133,20 +166,34 @@ impl Histories {
         }
     }
 
-    /// Anchors `stream` in the database's current history, at the start:
-    /// every row still in its outbox is published again (rows published
-    /// before a restore and not yet pruned twice, with their event ids; no
-    /// row lost), and its holder, if any, is fenced. Rows whose transaction
-    /// id lies in this history's future get the re-anchoring transaction's
-    /// id (in one transaction with the rest), so that they are published
-    /// now, in id order, rather than once the counter catches up. With
-    /// `execute` false, only reports what it would do.
+    /// Anchors `stream` in the database's current history, at the start,
+    /// under a new anchor (positions recorded before it, in PostgreSQL or
+    /// on Kafka, no longer count): every row still in its outbox is
+    /// published again (rows published before a restore and not yet pruned
+    /// twice, with their event ids; no row lost), and its holder, if any,
+    /// is fenced. The stream's rows get the re-anchoring transaction's id,
+    /// in the same transaction, so they are published now and in id order
+    /// (rows copied from a history that had run further would otherwise
+    /// wait for the counter to catch up, and follow newer rows).
+    ///
+    /// With `new_installation` the schema also gets a new installation id
+    /// first: for a copy of a database (`CREATE DATABASE ... TEMPLATE`, a
+    /// dump restored beside the original) that lives on as a service of its
+    /// own, so that its relays neither fence the original's nor read its
+    /// positions. Every other stream of the schema must then be re-anchored
+    /// too. With `execute` false, only reports what it would do.
     ///
     /// # Errors
     /// [`Error::Operation`] when the stream has no row or a relay holds a
     /// current lease on it (stop the stream's relays first), or when it
     /// changed meanwhile; database errors.
-    pub async fn re_anchor(&self, pool: &PgPool, stream: i32, execute: bool) -> Result<ReAnchor> {
+    pub async fn re_anchor(
+        &self,
+        pool: &PgPool,
+        stream: i32,
+        new_installation: bool,
+        execute: bool,
+    ) -> Result<ReAnchor> {
         type Row = (Option<String>, String, i64, i64, Option<String>, bool);
         let row: Option<Row> = sqlx::query_as(&self.stream_state_sql)
             .bind(stream)
@@ -157,11 +204,14 @@ impl Histories {
                 format!("relay stream {stream} has no position yet: nothing to re-anchor").into(),
             ));
         };
-        let (current, xmax) = self.current(pool).await?;
+        let (mut current, xmax) = self.current(pool).await?;
         let (backlog, future): (i64, i64) = sqlx::query_as(&self.backlog_sql)
             .bind(stream)
             .fetch_one(pool)
             .await?;
+        if new_installation {
+            current.installation = uuid::Uuid::new_v4();
+        }
         let mut plan = ReAnchor {
             stream,
             stored_history,
@@ -170,7 +220,8 @@ impl Histories {
             xmax,
             backlog,
             future,
-            applied: false,
+            rewritten: 0,
+            anchor: None,
         };
         if leased {
             return Err(Error::Operation(
@@ -184,10 +235,17 @@ impl Histories {
         if !execute {
             return Ok(plan);
         }
+        let anchor = plan.current.new_anchor();
         let mut tx = pool.begin().await?;
+        if new_installation {
+            sqlx::query(&self.new_installation_sql)
+                .bind(plan.current.installation)
+                .execute(&mut *tx)
+                .await?;
+        }
         let done = sqlx::query(&self.re_anchor_sql)
             .bind(stream)
-            .bind(plan.current.to_string())
+            .bind(&anchor)
             .bind(token)
             .execute(&mut *tx)
             .await?;
@@ -202,8 +260,8 @@ impl Histories {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        plan.future = i64::try_from(moved.rows_affected()).unwrap_or(i64::MAX);
-        plan.applied = true;
+        plan.rewritten = i64::try_from(moved.rows_affected()).unwrap_or(i64::MAX);
+        plan.anchor = Some(anchor);
         Ok(plan)
     }
 
@@ -233,12 +291,13 @@ impl Histories {
     /// The database's current history, and its next transaction id
     /// (the current snapshot's `xmax`).
     pub async fn current(&self, pool: &PgPool) -> Result<(History, u64)> {
-        let (installation, system_identifier, xmax): (uuid::Uuid, i64, i64) =
+        let (installation, system_identifier, database, xmax): (uuid::Uuid, i64, i64, i64) =
             sqlx::query_as(&self.current_sql).fetch_one(pool).await?;
         Ok((
             History {
                 installation,
                 system_identifier,
+                database,
             },
             u64::try_from(xmax).unwrap_or(0),
         ))
@@ -259,7 +318,7 @@ impl Histories {
     ) -> Result<HistoryCheck> {
         let current_text = current.to_string();
         if let Some(stored) = stored {
-            if stored != current_text {
+            if History::of_anchor(stored) != current_text {
                 return Err(Error::HistoryChanged {
                     stream,
                     position,

@@ -52,6 +52,7 @@ pub struct Leases {
     acquire_sql: String,
     renew_sql: String,
     release_sql: String,
+    anchor_sql: String,
     position_sql: String,
     holder_sql: String,
 }
@@ -88,12 +89,6 @@ impl Lease {
     /// [`History`](crate::History)); `None` until the stream is anchored.
     pub fn history(&self) -> Option<&str> {
         self.history.as_deref()
-    }
-
-    /// Anchors the stream in `history`: the next recorded position is
-    /// stored with it.
-    pub fn anchor(&mut self, history: impl Into<String>) {
-        self.history = Some(history.into());
     }
 
     /// Time left before the lease may lapse (zero when it may have).
@@ -149,12 +144,15 @@ impl Leases {
                     SET owner = NULL, lease_expires_at = NULL, updated_at = now()
                   WHERE stream = $1 AND owner = $2 AND fencing_token = $3"
             ),
+            anchor_sql: format!(
+                "UPDATE {t} SET history = $4, updated_at = now()
+                  WHERE stream = $1 AND owner = $2 AND fencing_token = $3 AND history IS NULL"
+            ),
             position_sql: format!(
                 "UPDATE {t}
                     SET position_txid = $4::text::xid8,
                         position_id = $5,
                         published = published + $6,
-                        history = COALESCE($8, history),
                         lease_expires_at = now() + $7::float8 * interval '1 millisecond',
                         updated_at = now()
                   WHERE stream = $1 AND owner = $2 AND fencing_token = $3"
@@ -241,6 +239,27 @@ impl Leases {
         Ok(())
     }
 
+    /// Anchors a stream that has no history yet in `anchor` (see
+    /// [`History::new_anchor`](crate::History::new_anchor)), before
+    /// anything is published, so every position recorded from now on,
+    /// in PostgreSQL and on Kafka, carries it. `false`: the lease is lost
+    /// or the stream was anchored meanwhile; nothing was written.
+    pub async fn anchor(&self, lease: &mut Lease, anchor: String) -> Result<bool> {
+        let done = sqlx::query(&self.anchor_sql)
+            .bind(lease.stream)
+            .bind(&self.instance)
+            .bind(lease.token)
+            .bind(&anchor)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            lease.history = Some(anchor);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
     /// Records that everything up to `position` is published (`published`
     /// rows in this step) and extends the lease. `false`: the lease is
     /// lost and nothing was written.
@@ -259,7 +278,6 @@ impl Leases {
             .bind(position.id)
             .bind(i64::try_from(published).unwrap_or(i64::MAX))
             .bind(self.ttl_ms())
-            .bind(lease.history.as_deref())
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 1 {

@@ -57,9 +57,10 @@ impl Pruner {
                         SELECT 1 FROM {streams} s
                          WHERE s.stream = $1 AND s.fencing_token = $5
                            AND s.position_txid < pg_snapshot_xmax(pg_current_snapshot())
-                           AND (s.history IS NULL OR s.history =
+                           AND (s.history IS NULL OR split_part(s.history, '~', 1) =
                                 (SELECT id::text FROM {installation}) || '@' ||
-                                (SELECT system_identifier::text FROM pg_control_system())))",
+                                (SELECT system_identifier::text FROM pg_control_system()) || '/' ||
+                                (SELECT oid::text FROM pg_database WHERE datname = current_database())))",
                 outbox = schema.table("outbox"),
                 streams = schema.table("relay_streams"),
                 installation = schema.table("installation"),

@@ -178,8 +178,22 @@ impl StreamTask {
             match Histories::check(stream, lease.history(), lease.position(), history, *xmax) {
                 Ok(HistoryCheck::Same) => {}
                 Ok(HistoryCheck::Unanchored) => {
-                    tracing::info!(stream, history = %history, position = %lease.position(), "anchoring the stream in this database's history");
-                    lease.anchor(history.to_string());
+                    let anchor = history.new_anchor();
+                    tracing::info!(stream, anchor = %anchor, position = %lease.position(), "anchoring the stream in this database's history");
+                    match leases.anchor(&mut lease, anchor).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let _ = leases.release(&lease).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = leases.release(&lease).await;
+                            attempt += 1;
+                            tracing::warn!(stream, error = %e, "anchoring the stream failed; retrying");
+                            self.pause(backoff.delay(attempt)).await;
+                            continue;
+                        }
+                    }
                 }
                 Err(e) => {
                     history_changed(stream);
@@ -187,7 +201,8 @@ impl StreamTask {
                     return Err(e);
                 }
             }
-            let settings = PublisherSettings::new(&self.config, stream, history);
+            let anchor = lease.history().unwrap_or_default().to_owned();
+            let settings = PublisherSettings::new(&self.config, stream, history, anchor);
             let started = match self.config.mode {
                 Mode::ExactlyOnce => Transactional::start(settings, lease.position())
                     .await

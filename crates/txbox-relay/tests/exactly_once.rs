@@ -162,6 +162,14 @@ async fn crash_and_restart(point: &str, extra: &[&str]) {
     );
     first.kill_at(point, Duration::from_secs(60)).await;
     let second = spawn(&s, &unique_name("eos"), None);
+    // It takes over once the dead relay's lease lapses (3 s), and recovers.
+    assert!(
+        second
+            .wait_for_stderr("acquired stream lease", Duration::from_secs(30))
+            .await,
+        "{}",
+        second.stderr()
+    );
     drained(s.db.pool(), Duration::from_secs(60)).await;
     stop(second).await;
     assert_exactly_once_in_order(&s).await;

@@ -163,15 +163,25 @@ async fn a_restore_into_a_new_cluster_stops_the_stream_until_re_anchored() {
     assert_refused(config.clone(), &new_pool, 300, "database history").await;
 
     let histories = Histories::new(&txbox::Schema::default());
-    let dry = histories.re_anchor(&new_pool, 0, false).await.unwrap();
-    assert!(!dry.applied);
+    let dry = histories
+        .re_anchor(&new_pool, 0, false, false)
+        .await
+        .unwrap();
+    assert!(dry.anchor.is_none(), "a dry run anchors nothing");
     assert_eq!(
         (dry.backlog, dry.stored_position.txid),
         (300, stored_txid as u64)
     );
     assert_refused(config.clone(), &new_pool, 300, "database history").await;
-    let done = histories.re_anchor(&new_pool, 0, true).await.unwrap();
-    assert_eq!((done.applied, done.future), (true, 200));
+    let done = histories
+        .re_anchor(&new_pool, 0, false, true)
+        .await
+        .unwrap();
+    assert!(done.anchor.is_some());
+    assert_eq!(
+        done.rewritten, 300,
+        "every row of the stream gets the re-anchor's id"
+    );
 
     let relay = Relay::start(config);
     drained(&new_pool, Duration::from_secs(60)).await;
@@ -268,4 +278,157 @@ async fn two_installations_with_default_settings_share_a_kafka_cluster() {
         let t = tally(&seen, &staged);
         assert_eq!((t.missing, t.duplicates, t.unexpected), (0, 0, 0), "{t:?}");
     }
+}
+
+/// A database copied inside its cluster (`CREATE DATABASE ... TEMPLATE`)
+/// carries the original's installation id and relay positions. Its relay
+/// refuses them (the database oid is part of the history) while the
+/// original's goes on; `re-anchor --new-installation` makes the copy an
+/// installation of its own, whose relay then publishes everything without
+/// fencing the original's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_database_is_refused_until_it_becomes_an_installation_of_its_own() {
+    txbox_testkit::init_tracing();
+    let broker = kafka().await;
+    let (original_topic, copy_topic) = (
+        broker.topic("original", 1).await,
+        broker.topic("copy", 1).await,
+    );
+    let (txn, positions) = (unique_name("txn"), unique_name("positions"));
+    let original = TestDb::new().await;
+    stage_many(original.pool(), &original_topic, 100, 10, 50).await;
+    let mut config = relay_config(original.url(), broker.bootstrap(), &txn, &positions);
+    config.prune_interval = Duration::from_secs(3600);
+    let relay = Relay::start(config.clone());
+    drained(original.pool(), Duration::from_secs(30)).await;
+    relay.stop().await;
+
+    // The copy: no session may be connected to the template meanwhile.
+    original.pool().close().await;
+    let copy_name = format!("{}_copy", original.name());
+    let admin = pool(&txbox_testkit::admin_url()).await;
+    sqlx::query(&format!(
+        "CREATE DATABASE \"{copy_name}\" TEMPLATE \"{}\"",
+        original.name()
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let copy_url = original.url().replace(original.name(), &copy_name);
+    let copy_pool = pool(&copy_url).await;
+    let original_pool = pool(original.url()).await;
+    stage_many(&original_pool, &original_topic, 50, 10, 25).await;
+    stage_many(&copy_pool, &copy_topic, 50, 10, 25).await;
+
+    let original_relay = Relay::start(config.clone());
+    let mut copy_config = config.clone();
+    copy_config.database_url = copy_url.clone();
+    copy_config.instance = unique_name("copy");
+    assert_refused(copy_config.clone(), &copy_pool, 150, "database history").await;
+
+    let histories = Histories::new(&txbox::Schema::default());
+    let done = histories
+        .re_anchor(&copy_pool, 0, true, true)
+        .await
+        .unwrap();
+    assert_eq!(done.rewritten, 150);
+    let copy_relay = Relay::start(copy_config);
+    drained(&copy_pool, Duration::from_secs(60)).await;
+    drained(&original_pool, Duration::from_secs(60)).await;
+    for relay in [original_relay, copy_relay] {
+        let report = relay.stop().await;
+        assert_eq!(
+            report.streams[0].leaderships, 1,
+            "no relay fenced the other"
+        );
+    }
+    // The copy published its copies of the original's first 100 rows once
+    // more (same event ids, which a txbox inbox downstream drops).
+    let original_seen = consume(broker.bootstrap(), &original_topic, 250, true).await;
+    let t = tally(&original_seen, &staged_ids(&original_pool).await);
+    assert_eq!(
+        (t.missing, t.duplicates, t.unexpected),
+        (0, 100, 0),
+        "{t:?}"
+    );
+    let copy_seen = consume(broker.bootstrap(), &copy_topic, 50, true).await;
+    let t = tally(&copy_seen, &staged_ids(&copy_pool).await[100..]);
+    assert_eq!((t.missing, t.duplicates), (0, 0), "{t:?}");
+
+    copy_pool.close().await;
+    let _ = sqlx::query(&format!(
+        "DROP DATABASE IF EXISTS \"{copy_name}\" WITH (FORCE)"
+    ))
+    .execute(&admin)
+    .await;
+}
+
+/// After a failover to a standby that was behind (or a point-in-time
+/// recovery), the position on Kafka, from the lost timeline, is past the
+/// database's counter; installation and cluster are the same. The relay
+/// refuses it; re-anchoring retires every position recorded before, on
+/// Kafka too, so the relay then publishes the rows instead of refusing
+/// again (or, once the counter passed the old position, skipping them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_anchoring_retires_a_kafka_position_from_a_lost_timeline() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = kafka().await;
+    let topic = broker.topic("timeline", 1).await;
+    let (txn, positions) = (unique_name("txn"), unique_name("positions"));
+    let config = relay_config(db.url(), broker.bootstrap(), &txn, &positions);
+    stage_many(db.pool(), &topic, 50, 5, 25).await;
+    let relay = Relay::start(config.clone());
+    drained(db.pool(), Duration::from_secs(30)).await;
+    relay.stop().await;
+
+    // The lost timeline's last position record: committed on Kafka, far
+    // past this database's transaction counter, under the stream's anchor.
+    let (installation, anchor, xmax): (uuid::Uuid, String, i64) = sqlx::query_as(
+        "SELECT i.id, s.history, pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+           FROM txbox.installation i, txbox.relay_streams s WHERE s.stream = 0",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let record = serde_json::json!({
+        "transactional_id": format!("{txn}-{}-txbox-0", installation.simple()),
+        "history": anchor,
+        "schema": "txbox",
+        "stream": 0,
+        "txid": xmax + 100_000,
+        "id": 1_000_000,
+    });
+    txbox_testkit::kafka::produce(
+        broker.bootstrap(),
+        &positions,
+        vec![txbox_testkit::kafka::Record::new(record.to_string())
+            .key(format!("{}/txbox/0", installation.simple()))],
+    )
+    .await;
+    stage_many(db.pool(), &topic, 50, 5, 25).await;
+    let rows = outbox_rows(db.pool()).await;
+    assert_refused(
+        config.clone(),
+        db.pool(),
+        rows,
+        "not below the database's next one",
+    )
+    .await;
+
+    let histories = Histories::new(&txbox::Schema::default());
+    histories
+        .re_anchor(db.pool(), 0, false, true)
+        .await
+        .unwrap();
+    let relay = Relay::start(config);
+    drained(db.pool(), Duration::from_secs(30)).await;
+    relay.stop().await;
+    let staged = staged_ids(db.pool()).await;
+    let seen = consume(broker.bootstrap(), &topic, 150, true).await;
+    let counts = counts(&seen);
+    assert!(
+        staged.iter().all(|id| counts.contains_key(id)),
+        "every row published after re-anchoring"
+    );
 }

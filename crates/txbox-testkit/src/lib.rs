@@ -26,7 +26,7 @@ pub mod proxy;
 mod server;
 
 pub use broker::{kafka, Broker};
-pub use db::TestDb;
+pub use db::{admin_url, TestDb};
 pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;
 pub use server::PgServer;

@@ -47,14 +47,20 @@ pub(crate) struct PublisherSettings {
     /// sharing a Kafka cluster neither fence each other nor read each
     /// other's positions.
     pub(crate) installation: uuid::Uuid,
-    /// The database history positions are recorded in.
+    /// The anchor positions are recorded with (see [`History`]); recovery
+    /// ignores position records of another.
     pub(crate) history: String,
     pub(crate) position_topic: String,
     pub(crate) kafka: BTreeMap<String, String>,
 }
 
 impl PublisherSettings {
-    pub(crate) fn new(config: &RelayConfig, stream: i32, history: &History) -> Self {
+    pub(crate) fn new(
+        config: &RelayConfig,
+        stream: i32,
+        history: &History,
+        anchor: String,
+    ) -> Self {
         PublisherSettings {
             brokers: config.brokers.clone(),
             schema: config.schema.clone(),
@@ -67,7 +73,7 @@ impl PublisherSettings {
                 stream
             ),
             installation: history.installation,
-            history: history.to_string(),
+            history: anchor,
             position_topic: config.position_topic.clone(),
             kafka: config.kafka.clone(),
         }

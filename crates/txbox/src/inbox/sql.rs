@@ -46,7 +46,7 @@ impl Statements {
                 "INSERT INTO {offsets} AS o (consumer_group, topic, partition, next_offset, epoch, owner)
                  VALUES ($1, $2, $3, $4, nextval($6::regclass), $5)
                  ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-                 SET epoch = EXCLUDED.epoch, owner = EXCLUDED.owner, assigned_at = now()
+                 SET epoch = greatest(EXCLUDED.epoch, o.epoch + 1), owner = EXCLUDED.owner, assigned_at = now()
                  RETURNING next_offset, epoch"
             ),
             insert_processed: format!(
