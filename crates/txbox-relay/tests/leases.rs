@@ -15,6 +15,23 @@ use txbox_testkit::{kafka, unique_name, TestDb};
 
 const ROWS: usize = 600;
 
+/// At-least-once relay arguments for these tests: a 3 s lease, no pruning
+/// (the tests compare the outbox with what was published).
+fn lease_args<'a>(db: &'a TestDb, bootstrap: &'a str, position_topic: &'a str) -> Vec<&'a str> {
+    binary_args(
+        db,
+        bootstrap,
+        &[
+            "--lease-ttl",
+            "3s",
+            "--position-topic",
+            position_topic,
+            "--prune-interval",
+            "1h",
+        ],
+    )
+}
+
 fn spawn(args: &[&str], instance: &str) -> Child {
     let mut all = args.to_vec();
     all.extend(["--instance", instance]);
@@ -37,18 +54,7 @@ async fn two_processes_with_one_instance_name_publish_one_at_a_time() {
     let broker = kafka().await;
     let topic = broker.topic("same-name", 2).await;
     let position_topic = unique_name("positions");
-    let args = binary_args(
-        &db,
-        broker.bootstrap(),
-        &[
-            "--lease-ttl",
-            "3s",
-            "--position-topic",
-            &position_topic,
-            "--prune-interval",
-            "1h",
-        ],
-    );
+    let args = lease_args(&db, broker.bootstrap(), &position_topic);
     let mut first = spawn(&args, "relay-same");
     eventually(
         "the first process leads",
@@ -113,18 +119,7 @@ async fn a_frozen_holder_loses_the_stream_when_its_lease_lapses() {
     let broker = kafka().await;
     let topic = broker.topic("frozen-holder", 2).await;
     let position_topic = unique_name("positions");
-    let args = binary_args(
-        &db,
-        broker.bootstrap(),
-        &[
-            "--lease-ttl",
-            "3s",
-            "--position-topic",
-            &position_topic,
-            "--prune-interval",
-            "1h",
-        ],
-    );
+    let args = lease_args(&db, broker.bootstrap(), &position_topic);
     let holder = spawn(&args, "relay-a");
     eventually("relay-a leads", Duration::from_secs(20), || async {
         relay_row(db.pool()).await.0.as_deref() == Some("relay-a")
