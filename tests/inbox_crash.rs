@@ -100,6 +100,11 @@ async fn kill_after_the_business_write_before_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_after_the_fenced_advance_before_commit() {
+    drill("inbox.before_commit", 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_after_commit() {
     drill("inbox.after_commit", 7).await;
 }
@@ -117,6 +122,7 @@ async fn kill_at_every_window_in_turn() {
     for point in [
         "inbox.after_commit",
         "inbox.after_business_write",
+        "inbox.before_commit",
         "inbox.before_business_write",
         "inbox.after_commit",
     ] {

@@ -14,7 +14,7 @@ use txbox_testkit::kafka::Record;
 use txbox_testkit::proxy::TcpProxy;
 use txbox_testkit::{kafka, unique_name, PgServer, TestDb};
 use txbox_tests::{
-    consumed, dead_letters, wait_consumed, Bank, Deposit, RunningInbox, ALWAYS_FAILS,
+    consumed, dead_letters, wait_consumed, Bank, Deposit, Deposits, RunningInbox, ALWAYS_FAILS,
 };
 
 /// event_id, offset, payload, attempts, error, headers
@@ -460,4 +460,115 @@ async fn server_side_session_kills_mid_stream_lose_and_duplicate_nothing() {
     let dead = dead_letters(db.pool()).await;
     assert_eq!(dead, 0, "a killed session is not a poison message");
     Bank::assert_exactly_once(db.pool(), &deposits).await;
+}
+
+/// A handler that waits on a business row another transaction holds waits
+/// at most the inbox's `lock_timeout`: its statement fails with 55P03 and
+/// the transaction is retried without using up an attempt (one attempt and
+/// `StopPartition` here, so a counted failure would stop the partition).
+/// The test holds the row for 3 s and samples the inbox's lock waits: none
+/// may last past the bound, and once the row is free every message is
+/// applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_waits_are_bounded_and_retried_without_using_attempts() {
+    let scene = Deposits::produce("lock-wait", 20, 2).await;
+    let db = &scene.db;
+
+    sqlx::query("INSERT INTO account (id, balance) VALUES ('acct-0', 0)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let mut holder = db.pool().begin().await.unwrap();
+    let holder_pid: i32 =
+        sqlx::query_scalar("SELECT pg_backend_pid() FROM account WHERE id = 'acct-0' FOR UPDATE")
+            .fetch_one(&mut *holder)
+            .await
+            .unwrap();
+
+    let h = RunningInbox::start(
+        scene
+            .inbox()
+            .lock_timeout(Duration::from_millis(300))
+            .retry(fast_retry(1))
+            .on_failure(FailureAction::StopPartition),
+    );
+    // Sample the waits on the held row for 3 s: (longest, samples waiting).
+    let mut longest = Duration::ZERO;
+    let mut waiting = 0;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let wait_ms: Option<f64> = sqlx::query_scalar(
+            "SELECT max(extract(epoch FROM now() - state_change) * 1000)::float8
+             FROM pg_stat_activity
+             WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(holder_pid)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if let Some(ms) = wait_ms {
+            waiting += 1;
+            longest = longest.max(Duration::from_secs_f64(ms / 1000.0));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(waiting > 0, "the inbox never waited on the held row");
+    assert!(
+        longest < Duration::from_millis(1500),
+        "a lock wait lasted {longest:?}, past the 300 ms lock_timeout"
+    );
+    holder.commit().await.unwrap();
+
+    assert!(
+        scene.wait_processed(Duration::from_secs(30)).await,
+        "every message applied once the row is free (no partition stopped)"
+    );
+    h.stop().await;
+    assert_eq!(dead_letters(db.pool()).await, 0);
+    Bank::assert_exactly_once(db.pool(), &scene.deposits).await;
+}
+
+/// A handler that keeps its transaction idle past the inbox's
+/// `transaction_idle_timeout` (here a 1 s sleep against 300 ms) has its
+/// session ended by PostgreSQL. That is the handler's failure, counted
+/// against the attempts, not an outage to wait out forever: the message is
+/// dead-lettered with an error that names the setting, the rest applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_idle_past_the_bound_fails_and_is_dead_lettered() {
+    let scene = Deposits::produce("idle-handler", 10, 2).await;
+    let (db, group) = (&scene.db, &scene.group);
+    let h = RunningInbox::start(
+        scene
+            .inbox()
+            .handler(
+                &scene.topic,
+                Bank::new(Outbox::new(Schema::default())).slow_at(4, Duration::from_secs(1)),
+            )
+            .transaction_idle_timeout(Duration::from_millis(300))
+            .retry(fast_retry(2)),
+    );
+    assert!(
+        scene.wait_processed(Duration::from_secs(60)).await,
+        "consumed past every message"
+    );
+    h.stop().await;
+    let dead: Vec<(i64, String, i32)> = sqlx::query_as(
+        "SELECT \"offset\", error, attempts FROM txbox.inbox_dead_letters WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].0, dead[0].2), (4, 2), "{dead:?}");
+    assert!(
+        dead[0].1.contains("idle_in_transaction_session_timeout"),
+        "the error names the bound: {}",
+        dead[0].1
+    );
+    assert_eq!(
+        scene.applied(None).await,
+        9,
+        "every other message applied once"
+    );
 }

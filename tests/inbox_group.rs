@@ -9,9 +9,9 @@
 //! (the client sets the session timeout: 6 s) and `consumer` (KIP-848; the
 //! broker sets it: 10 s in `dev/kafka/server.properties`).
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use txbox_testkit::process::Child;
@@ -67,16 +67,24 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     let (mut killed, mut frozen, mut steady) = (spawn(), spawn(), spawn());
 
     // Deposits arrive in 60 slices, 350 ms apart: about 21 s, so that they
-    // still arrive (on every partition) while a member is frozen.
-    let produced = Arc::new(AtomicUsize::new(0));
+    // still arrive (on every partition) while a member is frozen. Each
+    // partition's log end, as produced so far, is kept.
+    let produced: Arc<Mutex<BTreeMap<i32, i64>>> = Arc::default();
     let producer = {
         let (bootstrap, topic) = (broker.bootstrap().to_owned(), topic.clone());
         let records = Bank::records(&deposits);
         let produced = produced.clone();
         tokio::spawn(async move {
             for slice in records.chunks(DEPOSITS / 60) {
-                txbox_testkit::kafka::produce(&bootstrap, &topic, slice.to_vec()).await;
-                produced.fetch_add(slice.len(), Ordering::SeqCst);
+                let written =
+                    txbox_testkit::kafka::produce(&bootstrap, &topic, slice.to_vec()).await;
+                {
+                    let mut ends = produced.lock().expect("produced");
+                    for (partition, offset) in written {
+                        let end = ends.entry(partition).or_default();
+                        *end = (*end).max(offset + 1);
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(350)).await;
             }
         })
@@ -89,19 +97,37 @@ async fn kill_and_freeze_under_load(protocol: &str, session: Duration) {
     // Past the session timeout the group expels the silent member and hands
     // its partitions to the last one standing, which must then process
     // everything produced so far, on every partition, while the frozen
-    // member is still frozen.
+    // member is still frozen (its open transactions ended by PostgreSQL).
     tokio::time::sleep(session + Duration::from_secs(1)).await;
-    let target = produced.load(Ordering::SeqCst);
+    let ends = produced.lock().expect("produced").clone();
+    let target: i64 = ends.values().sum();
     assert!(
-        target < DEPOSITS,
-        "production ended before the check; it proves nothing"
+        ends.len() == PARTITIONS as usize && target < DEPOSITS as i64,
+        "production ended before the check, or left a partition out: {ends:?}"
     );
-    assert!(
-        Bank::wait_processed(db.pool(), &group, target as i64, Duration::from_secs(20)).await,
-        "the frozen member's partitions were not taken over: {} of {target} processed:\n{}",
-        processed(&db, &group).await,
-        steady.stderr()
-    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored: BTreeMap<i32, i64> = txbox_tests::positions(db.pool(), &group)
+            .await
+            .into_iter()
+            .map(|(partition, next, _)| (partition, next))
+            .collect();
+        let behind: Vec<(i32, i64, i64)> = ends
+            .iter()
+            .map(|(p, end)| (*p, stored.get(p).copied().unwrap_or(0), *end))
+            .filter(|(_, at, end)| at < end)
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "partitions not taken over while a member was frozen, as (partition, stored, \
+             produced): {behind:?}\n{}",
+            steady.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     frozen.thaw();
     producer.await.expect("producer");
     wait_for(&db, &group, DEPOSITS as i64, &[&frozen, &steady]).await;

@@ -1,71 +1,112 @@
 //! Zombie consumers: a consumer that lost its partition while inside a
-//! transaction cannot commit for it. Two real consumer processes in one
-//! group on Apache Kafka; the first is frozen (SIGSTOP) inside its handler's
-//! transaction until the group gives its partition to the second, then
-//! thawed: its commit must be fenced, and every message applied once. The
-//! same when an operator deleted the partition's offsets row meanwhile and
-//! the successor created it again at the same offset: epochs come from one
-//! sequence, so the new row's epoch is not the zombie's.
+//! transaction cannot commit for it, and cannot stall the consumer that
+//! took it over. Real consumer processes in one group on Apache Kafka; the
+//! first is frozen (SIGSTOP) inside a transaction until the group gives its
+//! partition to the second.
+//!
+//! - Thawed, its commit must be fenced, and every message applied once;
+//!   the same when an operator deleted the partition's offsets row
+//!   meanwhile and the successor created it again at the same offset
+//!   (epochs come from one sequence, so the new row's epoch is not the
+//!   zombie's).
+//! - Kept frozen, inside its handler (holding uncommitted event-id rows the
+//!   successor must write too) or between its fenced advance and COMMIT
+//!   (holding the offsets row the successor's claim updates), it must not
+//!   stop the successor: PostgreSQL ends the zombie's idle transaction
+//!   (`transaction_idle_timeout`, below the session timeout) and the
+//!   successor finishes within a bound.
 
 use std::path::Path;
 use std::time::Duration;
 
 use txbox_testkit::process::Child;
 use txbox_testkit::{kafka, unique_name, TestDb};
-use txbox_tests::Bank;
+use txbox_tests::{Bank, Deposits};
 
 const BIN: &str = env!("CARGO_BIN_EXE_inbox-chaos");
 
-async fn epoch(db: &TestDb, group: &str) -> i64 {
+/// The group's session timeout in these tests: a frozen member is expelled
+/// this long after its last heartbeat.
+const SESSION_MS: &str = "6000";
+
+/// A consumer process of `scene`'s group named `name` (its sessions'
+/// `application_name`, recorded in `effects.applied_by`), with `extra`
+/// environment.
+fn consumer(scene: &Deposits, name: &str, extra: &[(&str, &str)]) -> Child {
+    let mut env = vec![
+        ("TXBOX_DATABASE_URL", scene.db.url()),
+        ("TXBOX_KAFKA_BOOTSTRAP", scene.broker.bootstrap()),
+        ("CHAOS_TOPIC", scene.topic.as_str()),
+        ("CHAOS_GROUP", scene.group.as_str()),
+        ("CHAOS_BATCH", "10"),
+        ("CHAOS_SESSION_MS", SESSION_MS),
+        ("CHAOS_NAME", name),
+    ];
+    env.extend_from_slice(extra);
+    Child::spawn(Path::new(BIN), &[], &env)
+}
+
+/// The highest epoch stored for the group (0 with no row).
+async fn epoch(scene: &Deposits) -> i64 {
     sqlx::query_scalar(
         "SELECT COALESCE(max(epoch), 0) FROM txbox.inbox_offsets WHERE consumer_group = $1",
     )
-    .bind(group)
-    .fetch_one(db.pool())
+    .bind(&scene.group)
+    .fetch_one(scene.db.pool())
     .await
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_consumer_is_fenced_when_it_wakes() {
-    txbox_testkit::init_tracing();
-    let broker = kafka().await;
-    let db = TestDb::new().await;
-    Bank::setup(db.pool()).await;
-    let topic = broker.topic("zombie", 1).await;
-    let group = unique_name("bank");
-    let deposits = Bank::deposits(60, 6);
-    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+/// Waits until the stored epoch is above `before`: someone claimed the
+/// partition after it.
+async fn wait_claimed_after(scene: &Deposits, before: i64, by: &Child) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while epoch(scene).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partition was never claimed again:\n{}",
+            by.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
-    let env = |slow: bool| {
-        let mut e = vec![
-            ("TXBOX_DATABASE_URL", db.url()),
-            ("TXBOX_KAFKA_BOOTSTRAP", broker.bootstrap()),
-            ("CHAOS_TOPIC", topic.as_str()),
-            ("CHAOS_GROUP", group.as_str()),
-            ("CHAOS_BATCH", "10"),
-            ("CHAOS_SESSION_MS", "6000"),
-        ];
-        if slow {
-            e.push(("CHAOS_SLOW_OFFSET", "25"));
-            e.push(("CHAOS_SLOW_SECS", "2"));
-        }
-        e
-    };
-    let mut zombie = Child::spawn(Path::new(BIN), &[], &env(true));
+/// Freezes `zombie` inside its handler for the message at `offset` (the
+/// handler sleeps there for 2 s, so the freeze lands inside it).
+async fn freeze_in_handler(zombie: &Child, offset: i64) {
     assert!(
         zombie
-            .wait_for_stderr("TXBOX_CHAOS_IN_HANDLER 25", Duration::from_secs(60))
+            .wait_for_stderr(
+                &format!("TXBOX_CHAOS_IN_HANDLER {offset}"),
+                Duration::from_secs(60)
+            )
             .await,
         "zombie never reached the slow message:\n{}",
         zombie.stderr()
     );
-    // Inside the transaction for offsets 20..30: freeze it there.
     zombie.freeze();
-    let applied_before: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+}
+
+/// Stops both processes, thawing first (a stopped process does not act on
+/// SIGTERM).
+async fn stop(mut processes: Vec<Child>) {
+    for p in &processes {
+        p.thaw();
+        p.terminate();
+    }
+    for p in &mut processes {
+        p.wait_within(Duration::from_secs(30)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_consumer_is_fenced_when_it_wakes() {
+    let scene = Deposits::produce("zombie", 60, 6).await;
+    let slow = [("CHAOS_SLOW_OFFSET", "25"), ("CHAOS_SLOW_SECS", "2")];
+    let zombie = consumer(&scene, "zombie", &slow);
+    // Inside the transaction for offsets 20..30: freeze it there.
+    freeze_in_handler(&zombie, 25).await;
+    let applied_before = scene.applied(None).await;
     // Batches (at most 10) take what is already buffered, so the frozen one
     // starts somewhere in 16..=25; message 25 is in it and not applied.
     assert!(
@@ -73,18 +114,11 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
         "batches before the frozen one committed, the frozen one did not ({applied_before} applied)"
     );
 
-    let mut successor = Child::spawn(Path::new(BIN), &[], &env(false));
     // The group expels the silent member and assigns the partition to the
-    // successor, which claims it: the epoch moves to 2.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while epoch(&db, &group).await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "successor never claimed the partition:\n{}",
-            successor.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // successor, which claims it with a new epoch.
+    let before = epoch(&scene).await;
+    let successor = consumer(&scene, "successor", &[]);
+    wait_claimed_after(&scene, before, &successor).await;
 
     // Wake the zombie: its handler finishes and it tries to commit.
     zombie.thaw();
@@ -95,14 +129,10 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
         "the zombie's commit was not fenced:\n{}",
         zombie.stderr()
     );
-    let done = Bank::wait_processed(db.pool(), &group, 60, Duration::from_secs(60)).await;
-    successor.terminate();
-    zombie.terminate();
-    successor.wait().await;
-    zombie.wait().await;
+    let done = scene.wait_processed(Duration::from_secs(60)).await;
     assert!(done, "successor did not finish:\n{}", successor.stderr());
-
-    Bank::assert_exactly_once(db.pool(), &deposits).await;
+    stop(vec![successor, zombie]).await;
+    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
 }
 
 /// An operator deletes the group's offsets row while its consumer is
@@ -112,85 +142,110 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
 /// would pass the fence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_fenced_after_its_offsets_row_was_deleted_and_recreated() {
-    txbox_testkit::init_tracing();
-    let broker = kafka().await;
-    let db = TestDb::new().await;
-    Bank::setup(db.pool()).await;
-    let topic = broker.topic("zombie-deleted", 1).await;
-    let group = unique_name("bank");
-    let deposits = Bank::deposits(30, 3);
-    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
-
-    let env = |name: &'static str, slow: bool| {
-        let mut e = vec![
-            ("TXBOX_DATABASE_URL", db.url()),
-            ("TXBOX_KAFKA_BOOTSTRAP", broker.bootstrap()),
-            ("CHAOS_TOPIC", topic.as_str()),
-            ("CHAOS_GROUP", group.as_str()),
-            ("CHAOS_BATCH", "10"),
-            ("CHAOS_SESSION_MS", "6000"),
-            ("CHAOS_NAME", name),
-        ];
-        if slow {
-            e.push(("CHAOS_SLOW_OFFSET", "0"));
-            e.push(("CHAOS_SLOW_SECS", "2"));
-        }
-        e
-    };
-    let mut zombie = Child::spawn(Path::new(BIN), &[], &env("zombie", true));
-    assert!(
-        zombie
-            .wait_for_stderr("TXBOX_CHAOS_IN_HANDLER 0", Duration::from_secs(60))
-            .await,
-        "zombie never reached the slow message:\n{}",
-        zombie.stderr()
-    );
+    let scene = Deposits::produce("zombie-deleted", 30, 3).await;
+    let slow = [("CHAOS_SLOW_OFFSET", "0"), ("CHAOS_SLOW_SECS", "2")];
+    let zombie = consumer(&scene, "zombie", &slow);
     // Inside its first transaction, which expects offset 0: freeze it there.
-    zombie.freeze();
-    let zombie_epoch = epoch(&db, &group).await;
+    freeze_in_handler(&zombie, 0).await;
+    let zombie_epoch = epoch(&scene).await;
     sqlx::query("DELETE FROM txbox.inbox_offsets WHERE consumer_group = $1")
-        .bind(&group)
-        .execute(db.pool())
+        .bind(&scene.group)
+        .execute(scene.db.pool())
         .await
         .unwrap();
 
-    let mut successor = Child::spawn(Path::new(BIN), &[], &env("successor", false));
     // The group expels the silent member and the successor claims the
     // partition: the row exists again, at offset 0.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while epoch(&db, &group).await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "successor never claimed the partition:\n{}",
-            successor.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let successor_epoch = epoch(&db, &group).await;
+    let successor = consumer(&scene, "successor", &[]);
+    wait_claimed_after(&scene, 0, &successor).await;
+    let successor_epoch = epoch(&scene).await;
 
     // Wake the zombie: its handler finishes and it tries to commit offsets
     // 0.. with its old epoch.
     zombie.thaw();
-    let done = Bank::wait_processed(db.pool(), &group, 30, Duration::from_secs(60)).await;
-    successor.terminate();
-    zombie.terminate();
-    successor.wait().await;
-    zombie.wait().await;
+    let done = scene.wait_processed(Duration::from_secs(60)).await;
     assert!(done, "successor did not finish:\n{}", successor.stderr());
-    let by_zombie: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM effects WHERE applied_by = 'zombie'")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
+    let zombie_log = zombie.stderr();
+    stop(vec![successor, zombie]).await;
     assert_eq!(
-        by_zombie,
+        scene.applied(Some("zombie")).await,
         0,
         "the zombie (epoch {zombie_epoch}) committed after the successor claimed the \
-         recreated row (epoch {successor_epoch}):\n{}",
-        zombie.stderr()
+         recreated row (epoch {successor_epoch}):\n{zombie_log}"
     );
     assert_ne!(zombie_epoch, successor_epoch);
-    Bank::assert_exactly_once(db.pool(), &deposits).await;
+    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
+}
+
+/// How long the successor may take, from its start, to apply everything
+/// while the zombie stays frozen: the session timeout (6 s) and the group's
+/// rebalance, the zombie's idle bound (4 s, two thirds of the session
+/// timeout, already over by then), and the work, with room for a loaded
+/// machine. Without the bound the successor waits on the zombie's rows
+/// until the zombie's backend dies, which for a frozen process is never.
+const SUCCESSOR_BOUND: Duration = Duration::from_secs(40);
+
+/// Starts a successor while `zombie` stays frozen; asserts that it applies
+/// everything within [`SUCCESSOR_BOUND`]. Returns what the zombie applied.
+async fn successor_finishes(scene: &Deposits, zombie: Child) -> i64 {
+    let successor = consumer(scene, "successor", &[]);
+    let done = scene.wait_processed(SUCCESSOR_BOUND).await;
+    let zombie_applied = scene.applied(Some("zombie")).await;
+    let successor_log = successor.stderr();
+    stop(vec![successor, zombie]).await;
+    assert!(
+        done,
+        "the successor was stalled by the frozen zombie:\n{successor_log}"
+    );
+    zombie_applied
+}
+
+/// The zombie is frozen inside its handler, its transaction holding the
+/// batch's event ids (inserted, not committed), and stays frozen. The
+/// successor's insert of the same ids would wait on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_frozen_in_its_handler_does_not_stall_the_successor() {
+    let scene = Deposits::produce("zombie-held-ids", 60, 6).await;
+    let slow = [("CHAOS_SLOW_OFFSET", "25"), ("CHAOS_SLOW_SECS", "2")];
+    let zombie = consumer(&scene, "zombie", &slow);
+    freeze_in_handler(&zombie, 25).await;
+    let zombie_applied = successor_finishes(&scene, zombie).await;
+    assert!(
+        zombie_applied < 30,
+        "the zombie's frozen batch never committed"
+    );
+    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
+}
+
+/// The zombie is frozen after its fenced advance and before COMMIT (a crash
+/// point that stops the process), its transaction holding the partition's
+/// offsets row, and stays frozen. The successor's claim, inside its
+/// rebalance callback, updates that row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_frozen_before_its_commit_does_not_stall_the_successor() {
+    let scene = Deposits::produce("zombie-held-row", 60, 6).await;
+    // Its third batch freezes there (the first two commit).
+    let zombie = consumer(
+        &scene,
+        "zombie",
+        &[("FAILPOINTS", "inbox.before_commit=2*off->return(freeze)")],
+    );
+    assert!(
+        zombie
+            .wait_for_stderr(
+                "TXBOX_CRASH_POINT inbox.before_commit (frozen)",
+                Duration::from_secs(60)
+            )
+            .await,
+        "zombie never reached the point:\n{}",
+        zombie.stderr()
+    );
+    let zombie_applied = successor_finishes(&scene, zombie).await;
+    assert!(
+        zombie_applied <= 20,
+        "the zombie committed only its first two batches ({zombie_applied} applied)"
+    );
+    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
 }
 
 /// A schema migrated before epochs came from a sequence, with a stored

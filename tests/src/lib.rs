@@ -420,3 +420,72 @@ pub async fn recreated_topic_drill(
     let all: Vec<_> = old.into_iter().chain(new).collect();
     Bank::assert_exactly_once(pool, &all).await;
 }
+
+/// One test's deposits on a topic of their own, already produced, for one
+/// consumer group, with the bank's tables in a database of its own.
+#[derive(Debug)]
+pub struct Deposits {
+    /// The shared broker.
+    pub broker: &'static txbox_testkit::Broker,
+    /// The test's database.
+    pub db: txbox_testkit::TestDb,
+    /// The topic (one partition).
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// What was produced, in order.
+    pub deposits: Vec<(String, Deposit)>,
+}
+
+impl Deposits {
+    /// Produces `n` deposits over `accounts` accounts to a new one-partition
+    /// topic named after `name`.
+    pub async fn produce(name: &str, n: usize, accounts: usize) -> Deposits {
+        txbox_testkit::init_tracing();
+        let broker = txbox_testkit::kafka().await;
+        let db = txbox_testkit::TestDb::new().await;
+        Bank::setup(db.pool()).await;
+        let topic = broker.topic(name, 1).await;
+        let group = txbox_testkit::unique_name("bank");
+        let deposits = Bank::deposits(n, accounts);
+        txbox_testkit::kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+        Deposits {
+            broker,
+            db,
+            topic,
+            group,
+            deposits,
+        }
+    }
+
+    /// An inbox on the topic for the group, with a [`Bank`] handler.
+    pub fn inbox(&self) -> InboxBuilder {
+        bank_inbox(
+            self.db.pool(),
+            self.broker.bootstrap(),
+            &self.group,
+            &self.topic,
+        )
+    }
+
+    /// Effects applied, all or those by the sessions named `by`.
+    pub async fn applied(&self, by: Option<&str>) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM effects WHERE $1::text IS NULL OR applied_by = $1")
+            .bind(by)
+            .fetch_one(self.db.pool())
+            .await
+            .expect("effects")
+    }
+
+    /// Waits until every deposit's event id is recorded for the group
+    /// (processed or dead-lettered). Returns false on timeout.
+    pub async fn wait_processed(&self, within: Duration) -> bool {
+        Bank::wait_processed(
+            self.db.pool(),
+            &self.group,
+            self.deposits.len() as i64,
+            within,
+        )
+        .await
+    }
+}

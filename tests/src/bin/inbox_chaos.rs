@@ -67,6 +67,11 @@ async fn main() -> anyhow::Result<()> {
         builder = builder
             .kafka_option("session.timeout.ms", &session_ms)
             .kafka_option("heartbeat.interval.ms", "500");
+    } else {
+        // The inbox cannot read the broker's session timeout: keep its
+        // transactions' idle bound below it by hand.
+        let session: u64 = session_ms.parse().context("CHAOS_SESSION_MS")?;
+        builder = builder.transaction_idle_timeout(Duration::from_millis(session * 2 / 3));
     }
     let inbox = builder.build()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

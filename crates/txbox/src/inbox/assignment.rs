@@ -134,15 +134,18 @@ impl InboxContext {
         // the runtime move other tasks, including workers finishing a
         // commit on a partition we are about to fence, to other threads.
         let claims = tokio::task::block_in_place(|| {
+            // All at once: one partition whose row is still locked (by a
+            // zombie's transaction, until PostgreSQL ends it) delays the
+            // others' claims by nothing.
             self.handle.block_on(async {
-                let mut claims = Vec::with_capacity(parts.len());
-                for (topic, partition) in parts {
-                    match self.claim(base, topic, *partition).await {
-                        Some(c) => claims.push(c),
-                        None => return None,
-                    }
-                }
-                Some(claims)
+                futures::future::join_all(
+                    parts
+                        .iter()
+                        .map(|(topic, partition)| self.claim(base, topic, *partition)),
+                )
+                .await
+                .into_iter()
+                .collect::<Option<Vec<Position>>>()
             })
         });
         let Some(claims) = claims else {
@@ -182,8 +185,21 @@ impl InboxContext {
                         .backoff
                         .delay(failures)
                         .min(Duration::from_secs(5));
-                    tracing::warn!(topic, partition, error = %e, retry_in_ms = delay.as_millis() as u64,
-                        "cannot claim partition; retrying");
+                    if matches!(&e, crate::Error::Database(d) if super::commit::sqlstate_is(d, |c| c == "55P03"))
+                    {
+                        metrics::counter!("txbox_inbox_claim_lock_timeouts_total").increment(1);
+                        tracing::warn!(
+                            topic,
+                            partition,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "cannot claim partition: another transaction holds its offsets row \
+                             (a consumer that lost the partition, frozen before its COMMIT?); \
+                             retrying until PostgreSQL ends it (transaction_idle_timeout)"
+                        );
+                    } else {
+                        tracing::warn!(topic, partition, error = %e, retry_in_ms = delay.as_millis() as u64,
+                            "cannot claim partition; retrying");
+                    }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
@@ -222,6 +238,13 @@ impl InboxContext {
                 }
             }
         };
+        // In a transaction of its own with the inbox's lock bound: a zombie
+        // frozen between its fenced advance and COMMIT holds the row's lock,
+        // and this claim runs inside the rebalance callback. Waiting without
+        // a bound would stall every partition of this consumer; instead the
+        // claim fails with 55P03 and is retried (logged) until PostgreSQL
+        // ends the zombie's idle transaction.
+        let mut tx = s.pool.begin_with(s.sql.begin.clone()).await?;
         let (next_offset, epoch): (i64, i64) = sqlx::query_as(&s.sql.claim)
             .bind(&s.group)
             .bind(topic)
@@ -229,8 +252,9 @@ impl InboxContext {
             .bind(initial)
             .bind(&s.owner)
             .bind(&s.sql.epochs)
-            .fetch_one(&s.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(Position {
             topic: Arc::from(topic),
             partition,

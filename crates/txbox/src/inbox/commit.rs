@@ -88,6 +88,8 @@ pub(crate) struct Ctx<'a> {
     pub pool: &'a PgPool,
     pub sql: &'a Statements,
     pub group: &'a str,
+    /// The transactions' `idle_in_transaction_session_timeout`.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Applies `chunk` (one partition, ascending offsets, all at or above
@@ -99,8 +101,47 @@ pub(crate) async fn apply(
     chunk: &[InboxMessage],
     dedupe: Dedupe,
 ) -> Attempt {
-    match try_apply(ctx, route, pos, chunk, dedupe).await {
+    let started = std::time::Instant::now();
+    let attempt = match try_apply(ctx, route, pos, chunk, dedupe).await {
         Ok(a) | Err(a) => a,
+    };
+    idle_timed_out(attempt, started.elapsed(), ctx.idle_timeout)
+}
+
+/// PostgreSQL ended the session because the transaction sat idle past
+/// `idle_in_transaction_session_timeout`: the handler spent that long
+/// outside the database (or the process stalled). Waiting the way one
+/// waits out an outage would repeat it forever, so it is the handler's
+/// failure, counted against the retry policy's attempts. The server says
+/// so with SQLSTATE 25P03; when the connection error is all that arrives,
+/// an attempt that lasted at least the timeout is taken to be that.
+fn idle_timed_out(
+    attempt: Attempt,
+    elapsed: std::time::Duration,
+    idle: std::time::Duration,
+) -> Attempt {
+    let killed = |e: &sqlx::Error| {
+        sqlstate_is(e, |c| c == "25P03")
+            || (elapsed >= idle && matches!(e, sqlx::Error::Io(_) | sqlx::Error::Protocol(_)))
+    };
+    let index = match &attempt {
+        Attempt::Db(e) if killed(e) => None,
+        Attempt::HandlerFailed {
+            index,
+            error: HandlerError::Database(e),
+        } if killed(e) => *index,
+        _ => return attempt,
+    };
+    Attempt::HandlerFailed {
+        index,
+        error: HandlerError::retryable(format!(
+            "the transaction was idle in the database for longer than its \
+             idle_in_transaction_session_timeout ({} ms), so PostgreSQL ended the session and \
+             rolled it back: the handler waits too long outside the database (raise \
+             InboxBuilder::transaction_idle_timeout, or do the slow work before or after the \
+             transaction)",
+            idle.as_millis()
+        )),
     }
 }
 
@@ -130,7 +171,7 @@ async fn try_apply(
             error: HandlerError::permanent(format!("refused before any handler ran: {reason}")),
         });
     }
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = begin(ctx).await?;
     crate::crash_point!("inbox.before_business_write");
 
     let run = match record_ids(&mut tx, ctx, pos, chunk, dedupe).await {
@@ -140,7 +181,7 @@ async fn try_apply(
         Err(e) if dedupe == Dedupe::Optimistic && is_unique_violation(&e) => {
             metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
             tx.rollback().await?;
-            tx = ctx.pool.begin().await?;
+            tx = begin(ctx).await?;
             record_ids(&mut tx, ctx, pos, chunk, Dedupe::Checked).await?
         }
         Err(e) => return Err(e.into()),
@@ -170,6 +211,7 @@ async fn try_apply(
         }
         other => other?,
     }
+    crate::crash_point!("inbox.before_commit");
     if let Err(e) = tx.commit().await {
         // A deferred constraint the handler's writes violate fails only
         // here: the handler's failure, counted as an attempt, not an outage
@@ -187,6 +229,11 @@ async fn try_apply(
         applied: run.len(),
         duplicates: chunk.len() - run.len(),
     })
+}
+
+/// Opens an inbox transaction with its lock and idle bounds set.
+async fn begin(ctx: Ctx<'_>) -> Result<Tx, sqlx::Error> {
+    ctx.pool.begin_with(ctx.sql.begin.clone()).await
 }
 
 /// Records the chunk's event ids as processed; returns the indexes of the
@@ -342,7 +389,7 @@ async fn reconcile(tx: &mut Tx, ctx: Ctx<'_>, pos: &Position) -> Result<Attempt,
 /// transaction): used when Kafka rewinds the partition to a recreated log.
 pub(crate) async fn reposition(ctx: Ctx<'_>, pos: &Position, to: i64) -> Attempt {
     let attempt = async {
-        let mut tx = ctx.pool.begin().await?;
+        let mut tx = begin(ctx).await?;
         fenced_advance(&mut tx, ctx, pos, to).await?;
         tx.commit().await?;
         Ok(Attempt::Committed {
@@ -380,7 +427,7 @@ async fn try_dead_letter(
     f: &Failure<'_>,
 ) -> Result<Attempt, Attempt> {
     let m = f.message;
-    let mut tx = ctx.pool.begin().await?;
+    let mut tx = begin(ctx).await?;
     // An id with a NUL cannot be stored (nor deduplicated): a replay of the
     // message is dead-lettered again.
     if !m.event_id.contains('\0') {

@@ -101,6 +101,7 @@ impl PartitionWorker {
             pool: &self.shared.pool,
             sql: &self.shared.sql,
             group: &self.shared.group,
+            idle_timeout: self.shared.opts.waits.idle,
         }
     }
 

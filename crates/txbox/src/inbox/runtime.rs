@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::assignment::InboxContext;
 use super::commit::Route;
-use super::config::{FailureAction, Options, RetryPolicy, StartFrom};
+use super::config::{FailureAction, Options, RetryPolicy, StartFrom, Waits};
 use super::handler::{BatchHandler, Handler};
 use super::message::{identify, position_id, Identity};
 use super::sql::Statements;
@@ -89,6 +89,9 @@ pub struct InboxBuilder {
     owner: Option<String>,
     routes: HashMap<Arc<str>, Route>,
     opts: Options,
+    /// Set by [`InboxBuilder::transaction_idle_timeout`]; otherwise derived
+    /// from the session timeout at build.
+    idle_timeout: Option<Duration>,
     event_ids: EventIdSource,
 }
 
@@ -106,6 +109,7 @@ impl Inbox {
             owner: None,
             routes: HashMap::new(),
             opts: Options::default(),
+            idle_timeout: None,
             event_ids: EventIdSource::default(),
         }
     }
@@ -460,6 +464,45 @@ impl InboxBuilder {
         self
     }
 
+    /// How long a statement of an inbox transaction (the inbox's or the
+    /// handler's) waits for a lock before it fails with 55P03 and the
+    /// transaction is retried, without using up an attempt (default 10 s;
+    /// PostgreSQL's `lock_timeout`, set per transaction).
+    ///
+    /// Bounds how long a consumer waits on rows another transaction holds:
+    /// a business row under contention, or the event ids and offsets row
+    /// of a consumer that lost the partition but has not yet been ended
+    /// (see [`transaction_idle_timeout`](Self::transaction_idle_timeout)).
+    /// Claims at assignment use it too, and are retried the same way.
+    pub fn lock_timeout(mut self, d: Duration) -> Self {
+        self.opts.waits.lock = d;
+        self
+    }
+
+    /// How long an inbox transaction may sit idle, waiting on the handler
+    /// between statements, before PostgreSQL ends its session and rolls it
+    /// back (`idle_in_transaction_session_timeout`, set per transaction).
+    /// Default: 30 s, or two thirds of an explicit `session.timeout.ms`
+    /// when that is lower.
+    ///
+    /// This is what frees a successor from a zombie: a consumer frozen or
+    /// cut off inside its transaction holds its event-id rows and, between
+    /// its fenced advance and COMMIT, the partition's offsets row, and the
+    /// successor's writes of the same rows wait for it. Kept below the
+    /// group's session timeout (librdkafka's `session.timeout.ms`, 45 s by
+    /// default, or the broker's `group.consumer.session.timeout.ms` with
+    /// the consumer protocol), the zombie's transaction has ended before
+    /// its partition is given to anyone else. [`build`](Self::build)
+    /// refuses a value at or above an explicit `session.timeout.ms`.
+    ///
+    /// A handler that waits this long outside the database (a slow HTTP
+    /// call inside the transaction) fails with an error that says so, and
+    /// the retry policy decides what follows.
+    pub fn transaction_idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = Some(d);
+        self
+    }
+
     /// A name for this consumer, recorded as the owner of claimed
     /// partitions (default: [`crate::instance::name`], `host:pid:nonce`,
     /// unique per process start and shared with a relay in the same
@@ -487,6 +530,11 @@ impl InboxBuilder {
         if self.routes.is_empty() {
             return Err(Error::config("inbox: at least one handler is required"));
         }
+        self.opts.waits = Waits::resolve(
+            self.opts.waits.lock,
+            self.idle_timeout,
+            self.kafka.get("session.timeout.ms"),
+        )?;
         self.kafka
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
@@ -502,7 +550,7 @@ impl InboxBuilder {
             .unwrap_or_else(|| crate::instance::name().to_owned());
         Ok(Inbox {
             shared: Arc::new(Shared {
-                sql: Statements::new(&self.schema),
+                sql: Statements::new(&self.schema, self.opts.waits),
                 pool: self.pool,
                 group,
                 owner,

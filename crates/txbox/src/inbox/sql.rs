@@ -1,9 +1,13 @@
 //! The inbox's SQL, built once per inbox with the schema quoted.
 
+use super::config::Waits;
 use crate::schema::Schema;
 
 #[derive(Debug)]
 pub(crate) struct Statements {
+    /// Opens every inbox transaction, with its lock and idle bounds
+    /// ([`Waits::begin`]).
+    pub begin: String,
     /// $1 group, $2 topic, $3 partition: (epoch, next_offset) if present.
     pub select_offset: String,
     /// Claims a partition ($5 owner, $6 [`Statements::epochs`]): creates
@@ -29,7 +33,7 @@ pub(crate) struct Statements {
 }
 
 impl Statements {
-    pub(crate) fn new(schema: &Schema) -> Self {
+    pub(crate) fn new(schema: &Schema, waits: Waits) -> Self {
         let offsets = schema.table("inbox_offsets");
         let processed = schema.table("inbox_processed");
         let dead = schema.table("inbox_dead_letters");
@@ -38,6 +42,7 @@ impl Statements {
              SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)"
         );
         Statements {
+            begin: waits.begin(),
             select_offset: format!(
                 "SELECT epoch, next_offset FROM {offsets}
                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3"
