@@ -53,6 +53,15 @@ pub struct Opt {
     /// Schema holding txbox's tables.
     #[arg(long, env = "TXBOX_SCHEMA", default_value = Schema::DEFAULT, global = true)]
     pub schema: String,
+    /// Log lines as text (colours only on a terminal) or json.
+    #[arg(
+        long,
+        env = "TXBOX_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    pub log_format: txbox_relay::logging::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -202,12 +211,7 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: txbox_relay::logging::LogFormat) {
+    txbox_relay::logging::init(format);
 }

@@ -78,8 +78,8 @@ pub struct Cli {
     /// Warn when a transaction this old holds publishing back [default: 30s].
     #[arg(long, env = "TXBOX_HOLD_BACK_WARN", value_parser = parse_duration, value_name = "DURATION")]
     pub hold_back_warn: Option<Duration>,
-    /// Serve Prometheus metrics on this address (GET, any path), e.g.
-    /// 0.0.0.0:9187 [default: no endpoint].
+    /// Serve GET /metrics (Prometheus), /health and /ready on this address,
+    /// e.g. 0.0.0.0:9187 [default: no endpoint].
     #[arg(long, env = "TXBOX_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// Extra librdkafka option key=value (repeatable; in the environment
@@ -93,6 +93,10 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub kafka_options: Vec<(String, String)>,
+    /// Log lines as text (colours only on a terminal) or json, one object
+    /// per line [default: text].
+    #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl Cli {
@@ -133,7 +137,8 @@ impl Cli {
 }
 
 /// Runs `txbox-relay` with `args` (the first is the program name): parses
-/// the command line, sets up logging (`RUST_LOG`, default `info`), runs
+/// the command line, sets up logging (`RUST_LOG`, default `info`;
+/// `--log-format`), runs
 /// until SIGTERM or Ctrl-C, and fails if any stream stopped with an error.
 ///
 /// # Examples
@@ -163,55 +168,28 @@ where
         }
         Err(e) => return Err(anyhow::anyhow!("{e}")),
     };
-    init_tracing();
+    crate::logging::init(cli.log_format);
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let config = cli.resolve()?;
     tracing::info!(config = ?config, "configuration");
-    if let Some(addr) = config.metrics_listen {
-        serve_metrics(addr)?;
-    }
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let report = crate::run(config, shutdown).await?;
+    let report = match config.metrics_listen {
+        Some(addr) => {
+            let endpoint = txbox::http::Endpoint::new(addr)
+                .prometheus()
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            crate::run_serving(config, shutdown, endpoint).await?
+        }
+        None => crate::run(config, shutdown).await?,
+    };
     tracing::info!(
         published = report.published(),
         dead_lettered = report.dead_lettered(),
         "relay stopped"
     );
     Ok(())
-}
-
-/// Installs the Prometheus recorder and its scrape endpoint on `addr`. The
-/// listener is bound here (a busy address is an error at start), and served
-/// only once the recorder is installed (a program that already installed
-/// one gets an error, and the port is released).
-fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
-    let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .build()
-        .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    metrics::set_global_recorder(recorder).map_err(|_| {
-        anyhow::anyhow!(
-            "cannot serve metrics on {addr}: this process already has a metrics recorder"
-        )
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(%addr, error = ?e, "the metrics endpoint stopped");
-        }
-    });
-    tracing::info!(%addr, "serving Prometheus metrics");
-    Ok(())
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C (SIGINT).

@@ -90,7 +90,7 @@ impl fmt::Display for OnReject {
 /// | `prune_batch` | `1000` | rows deleted per prune statement |
 /// | `prune_interval` | `5s` | pause between prune rounds |
 /// | `hold_back_warn` | `30s` | warn when a transaction this old holds the relay back |
-/// | `metrics_listen` | (none) | `txbox-relay` serves Prometheus metrics on this address |
+/// | `metrics_listen` | (none) | `txbox-relay` serves `/metrics` (Prometheus), `/health` and `/ready` on this address |
 /// | `kafka` | `{}` | extra librdkafka options, passed through |
 ///
 /// # Examples
@@ -155,7 +155,8 @@ pub struct RelayConfig {
     #[serde(deserialize_with = "duration::deserialize")]
     pub hold_back_warn: Duration,
     /// Where the `txbox-relay` binary serves its metrics for Prometheus
-    /// (`GET` on any path), e.g. `0.0.0.0:9187`. Unset: no endpoint.
+    /// (`GET /metrics`), with `/health` and `/ready` for probes, e.g.
+    /// `0.0.0.0:9187`. Unset: no endpoint.
     /// [`run`](crate::run) itself installs nothing: a program embedding the
     /// relay installs its own `metrics` recorder.
     pub metrics_listen: Option<SocketAddr>,

@@ -119,8 +119,10 @@ mod cursor;
 mod dead_letter;
 mod duration;
 mod error;
+mod health;
 mod history;
 mod lease;
+pub mod logging;
 mod notify;
 mod prune;
 mod publisher;
@@ -156,6 +158,41 @@ pub use tokio_util::sync::CancellationToken;
 /// otherwise the stream's error (one failed stream) or
 /// [`Error::StreamsFailed`] (several).
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<RelayReport> {
+    run_with(config, shutdown, None).await
+}
+
+/// [`run`], serving `endpoint` (metrics, `/health`, `/ready`) meanwhile.
+///
+/// `/ready` answers 200 while every stream runs (publishing, or waiting
+/// for its lease as a standby), PostgreSQL answers and the brokers answer
+/// a metadata request; otherwise 503, naming what failed (a stream stopped
+/// with an error stays failed until the relay is restarted). The endpoint
+/// is bound before any stream starts: a busy address fails the call.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo(config: txbox_relay::RelayConfig) -> anyhow::Result<()> {
+/// use txbox::http::Endpoint;
+///
+/// let endpoint = Endpoint::new("0.0.0.0:9187".parse()?).prometheus()?;
+/// let shutdown = txbox_relay::CancellationToken::new();
+/// txbox_relay::run_serving(config, shutdown, endpoint).await?;
+/// # Ok(()) }
+/// ```
+pub async fn run_serving(
+    config: RelayConfig,
+    shutdown: CancellationToken,
+    endpoint: txbox::http::Endpoint,
+) -> Result<RelayReport> {
+    run_with(config, shutdown, Some(endpoint)).await
+}
+
+async fn run_with(
+    config: RelayConfig,
+    shutdown: CancellationToken,
+    endpoint: Option<txbox::http::Endpoint>,
+) -> Result<RelayReport> {
     config.validate()?;
     let schema = config.txbox_schema()?;
     let streams = config.streams.clone();
@@ -172,8 +209,19 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Rel
         instance = %config.instance,
         "relay starting"
     );
-    let config = Arc::new(config);
+    let health = Arc::new(health::StreamHealth::default());
     let helpers = shutdown.child_token();
+    if let Some(endpoint) = endpoint {
+        let mut kafka = rdkafka::ClientConfig::new();
+        kafka.set("bootstrap.servers", &config.brokers);
+        for (k, v) in &config.kafka {
+            kafka.set(k, v);
+        }
+        health::checks(endpoint, pool.clone(), kafka, health.clone())?
+            .spawn(helpers.clone())
+            .await?;
+    }
+    let config = Arc::new(config);
     let wakeups = notify::Wakeups::new(&streams);
     wakeups.spawn_listener(pool.clone(), config.notify_channel.clone(), helpers.clone());
     cursor::spawn_hold_back_monitor(pool.clone(), config.hold_back_warn, helpers.clone());
@@ -190,6 +238,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Rel
             stream,
             wake: wakeups.of(stream),
             cancel: shutdown.child_token(),
+            health: health.clone(),
         };
         tasks.spawn(task.run());
     }

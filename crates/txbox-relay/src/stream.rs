@@ -52,6 +52,8 @@ pub(crate) struct StreamTask {
     pub(crate) stream: i32,
     pub(crate) wake: Arc<Notify>,
     pub(crate) cancel: CancellationToken,
+    /// Where `/ready` learns that this stream stopped.
+    pub(crate) health: Arc<crate::health::StreamHealth>,
 }
 
 /// Why the batch loop ended.
@@ -68,6 +70,7 @@ impl StreamTask {
         let mut report = StreamReport::new(self.stream);
         if let Err(e) = self.run_inner(&mut report).await {
             tracing::error!(stream = self.stream, error = %e, "stream stopped");
+            self.health.stopped(self.stream, &e);
             report.error = Some(e);
         }
         report
@@ -85,15 +88,20 @@ impl StreamTask {
         let (prune_tx, prune_rx) = watch::channel(None);
         let (alarm_tx, alarm_rx) = watch::channel(None);
         let prune_cancel = self.cancel.child_token();
-        self.spawn_pruner(prune_rx, alarm_tx, prune_cancel.clone());
+        let pruner = self.spawn_pruner(prune_rx, alarm_tx, prune_cancel.clone());
         // Also stops the pruner if this task is aborted.
-        let _prune_guard = prune_cancel.drop_guard();
+        let _prune_guard = prune_cancel.clone().drop_guard();
         let guards = Guards {
             histories: Histories::new(&self.schema),
             prune_tx: &prune_tx,
             alarm: alarm_rx,
         };
-        self.lead(&leases, &backoff, &guards, report).await
+        let led = self.lead(&leases, &backoff, &guards, report).await;
+        // The pruner ends before this stream does, so before the relay
+        // closes the pool under it.
+        prune_cancel.cancel();
+        let _ = pruner.await;
+        led
     }
 
     async fn verify_schema(&self, backoff: &Backoff) -> Result<()> {
@@ -293,7 +301,7 @@ impl StreamTask {
         mut rx: watch::Receiver<Option<(i64, Position)>>,
         alarm: watch::Sender<Option<(Position, String)>>,
         cancel: CancellationToken,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let pruner = Pruner::new(&self.schema, self.stream, self.config.prune_batch);
         let histories = Histories::new(&self.schema);
         let pool = self.pool.clone();
@@ -329,10 +337,13 @@ impl StreamTask {
                         continue;
                     }
                 }
-                match pruner
-                    .prune(&pool, token, upto, PRUNE_BATCHES_PER_ROUND)
-                    .await
-                {
+                let pruned = tokio::select! {
+                    // Each batch is a statement of its own: stopping between
+                    // or inside one leaves nothing half done.
+                    () = cancel.cancelled() => return,
+                    pruned = pruner.prune(&pool, token, upto, PRUNE_BATCHES_PER_ROUND) => pruned,
+                };
+                match pruned {
                     Ok(n) => {
                         if n > 0 {
                             tracing::debug!(stream, deleted = n, upto = %upto, "pruned outbox");
@@ -345,7 +356,7 @@ impl StreamTask {
                     Err(e) => tracing::warn!(stream, error = %e, "prune failed; retrying later"),
                 }
             }
-        });
+        })
     }
 }
 

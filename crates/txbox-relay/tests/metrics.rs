@@ -17,19 +17,44 @@ fn relay_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_txbox-relay"))
 }
 
-/// `GET /metrics` over plain HTTP/1.0; the response body, if any.
-async fn scrape(addr: &str) -> Option<String> {
+/// `GET path` over plain HTTP/1.0: the status code and body, if it answers.
+async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut response = String::new();
     conn.read_to_string(&mut response).await.ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.")
-        .then(|| head.contains(" 200 "))
-        .filter(|ok| *ok)
-        .map(|_| body.to_owned())
+    let status = head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// `GET /metrics`: the body of a 200 answer, if any.
+async fn scrape(addr: &str) -> Option<String> {
+    get(addr, "/metrics")
+        .await
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body)
+}
+
+/// Polls `GET path` until its status is `want`; returns the body.
+async fn wait_status(addr: &str, path: &str, want: u16, relay: &Child) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = get(addr, path).await;
+        if let Some((status, body)) = &answer {
+            if *status == want {
+                return body.clone();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GET {path} never answered {want} (last: {answer:?}):\n{}",
+            relay.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The value of the sample `name{labels}` in an exposition text.
@@ -48,7 +73,11 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
     let addr = format!("127.0.0.1:{}", txbox_testkit::free_port());
     let mut relay = Child::spawn(
         relay_bin(),
-        &binary_args(&db, broker.bootstrap(), &["--metrics-listen", &addr]),
+        &binary_args(
+            &db,
+            broker.bootstrap(),
+            &["--metrics-listen", &addr, "--prune-interval", "50ms"],
+        ),
         &[],
     );
     drained(db.pool(), Duration::from_secs(60)).await;
@@ -73,9 +102,54 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
         Some(1.0),
         "{text}"
     );
+    assert_eq!(
+        get(&addr, "/health").await,
+        Some((200, "ok\n".into())),
+        "liveness"
+    );
+    assert_eq!(
+        wait_status(&addr, "/ready", 200, &relay).await,
+        "ready\n",
+        "holding its lease, with PostgreSQL and Kafka answering"
+    );
+    assert_eq!(get(&addr, "/nothing").await.map(|a| a.0), Some(404));
     relay.terminate();
     let code = relay.wait_within(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", relay.stderr());
+    assert!(
+        !relay.stderr_contains("prune failed"),
+        "the pruner stops before the pool closes:\n{}",
+        relay.stderr()
+    );
+}
+
+/// With brokers that do not answer, the relay keeps trying (its stream is
+/// not stopped) and stays alive, but is not ready, and `/ready` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_is_not_ready_while_kafka_does_not_answer() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let addr = format!("127.0.0.1:{}", txbox_testkit::free_port());
+    let dead = format!("127.0.0.1:{}", txbox_testkit::free_port());
+    let mut relay = Child::spawn(
+        relay_bin(),
+        &binary_args(&db, &dead, &["--metrics-listen", &addr]),
+        &[],
+    );
+    let body = wait_status(&addr, "/ready", 503, &relay).await;
+    assert!(
+        body.starts_with("not ready\n") && body.contains("kafka: "),
+        "{body}"
+    );
+    assert!(!body.contains("postgres: "), "PostgreSQL answers: {body}");
+    assert_eq!(get(&addr, "/health").await.map(|a| a.0), Some(200));
+    relay.terminate();
+    assert_eq!(
+        relay.wait_within(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +172,7 @@ async fn a_busy_metrics_address_is_an_error_at_start() {
     let code = relay.wait_within(Duration::from_secs(30)).await;
     assert_eq!(code, Some(1));
     assert!(
-        relay.stderr_contains(&format!("cannot serve metrics on {addr}")),
+        relay.stderr_contains(&format!("cannot listen on {addr}")),
         "{}",
         relay.stderr()
     );

@@ -63,6 +63,7 @@
 //! | Name | Description | Default |
 //! |---|---|---|
 //! | `failpoints` | Named crash points for fault-injection tests. Never in production. | no |
+//! | `http` | [`http::Endpoint`]: Prometheus metrics, `/health` and `/ready` on one address. | no |
 
 #![warn(missing_docs, unreachable_pub)]
 // Library code never unwraps: bad input is a typed error.
@@ -74,6 +75,8 @@ pub mod crash;
 pub mod db;
 mod error;
 mod headers;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod inbox;
 pub mod instance;
 pub mod kafka;

@@ -54,6 +54,10 @@ struct Opt {
     /// distinct events were seen; fail on fewer or on duplicates.
     #[arg(long, value_name = "N")]
     read_settled: Option<usize>,
+    /// Serve GET /metrics (Prometheus), /health and /ready (the database
+    /// answers) on this address, e.g. 0.0.0.0:9188.
+    #[arg(long, env = "PAYMENTS_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Opt {
@@ -155,6 +159,16 @@ async fn main() -> anyhow::Result<()> {
     .execute(&pool)
     .await?;
     create_topics(&opt.brokers, &[opt.requested(), opt.settled()]).await?;
+    let served = tokio_util::sync::CancellationToken::new();
+    let _stop_serving = served.clone().drop_guard();
+    if let Some(addr) = opt.metrics_listen {
+        // The inbox's metrics and the probes, in one line (feature `http`).
+        txbox::http::Endpoint::new(addr)
+            .prometheus()?
+            .ready_when_database_answers(pool.clone())
+            .spawn(served.clone())
+            .await?;
+    }
 
     let schema = Schema::new(opt.schema.clone())?;
     let inbox = Inbox::builder(pool.clone())

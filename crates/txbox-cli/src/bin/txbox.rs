@@ -2,8 +2,8 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    txbox_cli::init_logging();
     let opt = <txbox_cli::Opt as clap::Parser>::parse();
+    txbox_cli::init_logging(opt.log_format);
     match txbox_cli::run(opt).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
