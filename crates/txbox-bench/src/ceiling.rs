@@ -86,12 +86,14 @@ pub(crate) enum Sql {
 }
 
 /// Runs the ceiling SQL with `partitions` clients for `dur`; returns
-/// messages/s.
+/// messages/s. `key_order` is the txbox SQL's outbox mode (the reference
+/// SQL has no such thing).
 pub(crate) async fn run(
     db: &BenchDb,
     sql: Sql,
     shape: Shape,
     dur: Duration,
+    key_order: txbox::outbox::KeyOrder,
 ) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + dur;
@@ -100,7 +102,7 @@ pub(crate) async fn run(
         let pool = db.pool.clone();
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
-            let outbox = txbox::Outbox::new(txbox::Schema::default());
+            let outbox = txbox::Outbox::new(txbox::Schema::default()).key_order(key_order);
             let mut next_offset = 0i64;
             let part = i32::try_from(client).unwrap_or(0);
             while Instant::now() < deadline {

@@ -35,10 +35,7 @@ impl BatchHandler for Settle {
             OutboxEvent::new("out", &br#"{"kind":"PaymentSettled","amount":100}"#[..])
                 .key(id.to_string())
         });
-        self.outbox
-            .stage_all(tx, events)
-            .await
-            .map_err(|e| BatchError::from(txbox::inbox::HandlerError::retryable(e)))?;
+        self.outbox.stage_all(tx, events).await?;
         Ok(())
     }
 }
@@ -59,6 +56,7 @@ pub(crate) async fn run(
     bootstrap: &str,
     shape: Shape,
     n: usize,
+    key_order: txbox::outbox::KeyOrder,
 ) -> anyhow::Result<InboxRun> {
     let broker = txbox_testkit::Broker::at(bootstrap);
     let topic = broker.topic("bench-in", shape.partitions as i32).await;
@@ -73,7 +71,7 @@ pub(crate) async fn run(
         .batch_handler(
             &topic,
             Settle {
-                outbox: Outbox::new(Schema::default()),
+                outbox: Outbox::new(Schema::default()).key_order(key_order),
             },
         )
         .batch_size(shape.batch)

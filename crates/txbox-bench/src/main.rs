@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! txbox-bench inbox [--messages N] [--seconds S] [--rounds R] [--shape BATCHxPARTITIONS]...
+//!                   [--key-order first-write|commit]
 //! ```
 //!
 //! For each scenario (per-message transactions on one partition; batches of
@@ -73,7 +74,27 @@ enum What {
         /// `--shape 100x1`). Default: 1x1, 100x1 and 100x4.
         #[arg(long = "shape", value_parser = parse_shape)]
         shapes: Vec<Shape>,
+        /// The outbox's key order for the txbox SQL ceiling and the inbox
+        /// (`commit` adds the per-key order heads to every staging).
+        #[arg(long, value_enum, default_value_t = Order::FirstWrite)]
+        key_order: Order,
     },
+}
+
+/// `txbox::outbox::KeyOrder`, as a command-line value.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Order {
+    FirstWrite,
+    Commit,
+}
+
+impl From<Order> for txbox::outbox::KeyOrder {
+    fn from(o: Order) -> Self {
+        match o {
+            Order::FirstWrite => txbox::outbox::KeyOrder::FirstWrite,
+            Order::Commit => txbox::outbox::KeyOrder::Commit,
+        }
+    }
 }
 
 /// One scenario's shape.
@@ -168,10 +189,12 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             rounds: rounds_wanted,
             shapes,
+            key_order,
         } => {
+            let order = txbox::outbox::KeyOrder::from(key_order);
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
             println!(
-                "txbox-bench inbox: database {}, broker {}",
+                "txbox-bench inbox: database {}, broker {}, key order {key_order:?}",
                 db.name, opt.bootstrap
             );
             let pgbench = pgbench::find();
@@ -223,13 +246,14 @@ async fn main() -> anyhow::Result<()> {
                 let dur = std::time::Duration::from_secs(seconds);
                 let mut rounds = Vec::with_capacity(rounds_wanted);
                 for round in 1..=rounds_wanted {
-                    let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur).await?;
-                    let reference = ceiling::run(&db, ceiling::Sql::Reference, shape, dur).await?;
+                    let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur, order).await?;
+                    let reference =
+                        ceiling::run(&db, ceiling::Sql::Reference, shape, dur, order).await?;
                     let pg = match &pgbench {
                         Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
                         None => f64::NAN,
                     };
-                    let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000)).await?;
+                    let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000), order).await?;
                     let row = Round {
                         inbox: run.inbox,
                         same,

@@ -87,7 +87,7 @@ impl fmt::Display for OnReject {
 /// | `transactional_id_prefix` | `txbox-relay` | `transactional.id` = `{prefix}-{installation}-{schema}-{stream}` |
 /// | `position_topic` | `txbox.relay.positions` | compacted topic of positions (exactly-once) |
 /// | `on_reject` | `stop` | or `dead-letter` |
-/// | `prune_batch` | `1000` | rows deleted per prune statement |
+/// | `prune_batch` | `1000` | rows (and key order heads) deleted per prune statement |
 /// | `prune_interval` | `5s` | pause between prune rounds |
 /// | `hold_back_warn` | `30s` | warn when a transaction this old holds the relay back |
 /// | `metrics_listen` | (none) | `txbox-relay` serves `/metrics` (Prometheus), `/health` and `/ready` on this address |
@@ -145,7 +145,7 @@ pub struct RelayConfig {
     pub position_topic: String,
     /// What to do with a row Kafka refuses for good.
     pub on_reject: OnReject,
-    /// Rows deleted per prune statement.
+    /// Rows (and key order heads) deleted per prune statement.
     pub prune_batch: i64,
     /// Pause between prune rounds.
     #[serde(deserialize_with = "duration::deserialize")]

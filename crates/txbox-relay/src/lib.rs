@@ -19,8 +19,11 @@
 //!   transaction ids (at their first write), which is commit order whenever
 //!   the later one first writes after the earlier one commits; two
 //!   concurrent transactions writing the same key are ordered by first
-//!   write, not by commit. Rows with a row lock on a shared aggregate are
-//!   ordered by that lock, as the business logic sees them.
+//!   write, not by commit, even when a row lock applied them the other way.
+//!   Writers staging with `txbox::outbox::KeyOrder::Commit` take ids that
+//!   sort in commit order per key, so their rows are published in commit
+//!   order; the relay needs no setting for it and prunes the per-key order
+//!   heads those writers keep (see [`Pruner`]).
 //! - **Exactly-once mode** (default): each batch is one Kafka transaction
 //!   carrying the rows and the stream's new position (KIP-618 style). A
 //!   `read_committed` consumer sees each row once, across crashes and

@@ -9,6 +9,14 @@
 //! position still belongs to this database's history (see
 //! [`History`](crate::History)), so nothing is pruned after a restore or a
 //! failover moved the transaction ids back.
+//!
+//! The same pruner deletes the stream's per-key order heads
+//! (`outbox_key_order`, written by writers in `KeyOrder::Commit` mode) whose
+//! transaction id is below the snapshot's `xmin`. Such a head constrains
+//! nothing: a transaction that can still stage has a higher id, so its
+//! check passes with or without the head. Heads a running transaction holds
+//! are skipped (`SKIP LOCKED`), not waited for. This needs no history
+//! check: a head is compared with live transaction ids only.
 
 use std::time::Duration;
 
@@ -35,6 +43,7 @@ pub struct Pruner {
     stream: i32,
     batch: i64,
     sql: String,
+    key_order_sql: String,
 }
 
 /// Pause between two prune batches of one round.
@@ -65,6 +74,20 @@ impl Pruner {
                 streams = schema.table("relay_streams"),
                 installation = schema.table("installation"),
             ),
+            key_order_sql: format!(
+                "DELETE FROM {heads}
+                  WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM {heads}
+                         WHERE stream = $1 AND txid < pg_snapshot_xmin(pg_current_snapshot())
+                         LIMIT $2
+                         FOR UPDATE SKIP LOCKED))
+                    AND txid < pg_snapshot_xmin(pg_current_snapshot())
+                    AND EXISTS (
+                        SELECT 1 FROM {streams} s
+                         WHERE s.stream = $1 AND s.fencing_token = $3)",
+                heads = schema.table("outbox_key_order"),
+                streams = schema.table("relay_streams"),
+            ),
         }
     }
 
@@ -85,6 +108,49 @@ impl Pruner {
             .execute(pool)
             .await?;
         Ok(done.rows_affected())
+    }
+
+    /// Deletes up to one batch of the stream's key order heads that are
+    /// below the snapshot's `xmin` (and not locked by a running
+    /// transaction), if `token` is still the stream's fencing token.
+    /// Returns how many were deleted.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: sqlx::PgPool) -> txbox_relay::Result<()> {
+    /// let pruner = txbox_relay::Pruner::new(&txbox::Schema::default(), 0, 1000);
+    /// let deleted = pruner.prune_key_order_once(&pool, 7).await?;
+    /// println!("deleted {deleted} order heads");
+    /// # Ok(()) }
+    /// ```
+    pub async fn prune_key_order_once(&self, pool: &PgPool, token: i64) -> Result<u64> {
+        let done = sqlx::query(&self.key_order_sql)
+            .bind(self.stream)
+            .bind(self.batch)
+            .bind(token)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes batches of key order heads as [`Pruner::prune`] does rows.
+    pub async fn prune_key_order(
+        &self,
+        pool: &PgPool,
+        token: i64,
+        max_batches: usize,
+    ) -> Result<u64> {
+        let mut total = 0;
+        for i in 0..max_batches {
+            if i > 0 {
+                tokio::time::sleep(PAUSE).await;
+            }
+            let n = self.prune_key_order_once(pool, token).await?;
+            total += n;
+            if n < self.batch.unsigned_abs() {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Deletes batches until fewer than a full batch remain (or `max_batches`

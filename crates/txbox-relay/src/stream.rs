@@ -317,6 +317,16 @@ impl StreamTask {
                 let Some((token, upto)) = *rx.borrow_and_update() else {
                     continue;
                 };
+                match pruner
+                    .prune_key_order(&pool, token, PRUNE_BATCHES_PER_ROUND)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(stream, deleted = n, "pruned key order heads"),
+                    Err(e) => {
+                        tracing::warn!(stream, error = %e, "pruning key order heads failed; retrying later")
+                    }
+                }
                 if upto <= pruned_upto {
                     continue;
                 }

@@ -40,7 +40,7 @@
 //!             .execute(&mut **tx)
 //!             .await?;
 //!         let event = OutboxEvent::json("balances", &deposit).map_err(HandlerError::permanent)?;
-//!         self.outbox.stage(tx, event).await.map_err(HandlerError::retryable)?;
+//!         self.outbox.stage(tx, event).await?;
 //!         Ok(())
 //!     }
 //! }

@@ -115,10 +115,7 @@ impl Handler for Payments {
         .key(req.account.clone())
         .event_type("PaymentSettled")
         .source("/payments");
-        self.outbox
-            .stage(tx, settled)
-            .await
-            .map_err(HandlerError::retryable)?;
+        self.outbox.stage(tx, settled).await?;
         Ok(())
     }
 }

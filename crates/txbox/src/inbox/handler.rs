@@ -50,7 +50,7 @@ pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 ///         let event = OutboxEvent::json("balances", &serde_json::json!({"account": d.account}))
 ///             .map_err(HandlerError::permanent)?
 ///             .key(d.account.clone());
-///         self.outbox.stage(tx, event).await.map_err(HandlerError::retryable)?;
+///         self.outbox.stage(tx, event).await?; // a key-order conflict is retried too
 ///         Ok(())
 ///     }
 /// }
@@ -89,7 +89,9 @@ pub enum HandlerError {
     Decode(#[from] DecodeError),
     /// A database error in the handler's writes. Transient ones (40001,
     /// 40P01, lost connection) are retried without counting as attempts;
-    /// others count as retryable attempts.
+    /// others count as retryable attempts. `?` on a txbox call (such as
+    /// [`Outbox::stage`](crate::Outbox::stage)) gives this variant for its
+    /// database errors.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -109,8 +111,21 @@ impl HandlerError {
         matches!(self, HandlerError::Permanent(_) | HandlerError::Decode(_))
     }
 
+    /// A transient database error of the handler's transaction: retried
+    /// without counting as an attempt. Also a transient
+    /// [`Error::Database`](crate::Error::Database) wrapped as retryable
+    /// (`.map_err(HandlerError::retryable)` on a txbox call, which runs on
+    /// the handler's transaction), such as a key-order conflict of
+    /// [`Outbox::stage`](crate::Outbox::stage).
     pub(crate) fn is_transient_db(&self) -> bool {
-        matches!(self, HandlerError::Database(e) if crate::db::is_transient(e))
+        match self {
+            HandlerError::Database(e) => crate::db::is_transient(e),
+            HandlerError::Retryable(e) => matches!(
+                e.downcast_ref::<crate::Error>(),
+                Some(crate::Error::Database(e)) if crate::db::is_transient(e)
+            ),
+            _ => false,
+        }
     }
 
     /// The error and its sources, joined with ": ".
@@ -126,6 +141,31 @@ impl HandlerError {
             source = s.source();
         }
         out
+    }
+}
+
+/// A txbox error inside a handler (from [`Outbox::stage`](crate::Outbox::stage),
+/// say), so `?` works on it: a database error is a
+/// [`HandlerError::Database`] (transient ones, such as a
+/// [`KeyOrder::Commit`](crate::outbox::KeyOrder::Commit) conflict, are
+/// retried without counting as attempts), an invalid event is permanent,
+/// anything else retryable.
+///
+/// ```
+/// use txbox::inbox::HandlerError;
+///
+/// let err = HandlerError::from(txbox::Error::InvalidEvent("no topic".into()));
+/// assert!(matches!(err, HandlerError::Permanent(_)));
+/// let err = HandlerError::from(txbox::Error::Database(sqlx::Error::PoolTimedOut));
+/// assert!(matches!(err, HandlerError::Database(_)));
+/// ```
+impl From<crate::Error> for HandlerError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Database(e) => HandlerError::Database(e),
+            e @ crate::Error::InvalidEvent(_) => HandlerError::Permanent(Box::new(e)),
+            e => HandlerError::Retryable(Box::new(e)),
+        }
     }
 }
 
@@ -156,5 +196,28 @@ impl<E: Into<HandlerError>> From<E> for BatchError {
             index: None,
             error: e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandlerError;
+    use crate::Error;
+
+    /// A transient database error of a txbox call is retried without
+    /// counting as an attempt however the handler returns it: with `?` or
+    /// wrapped as retryable (the form the docs showed before `?` worked).
+    #[test]
+    fn transient_database_errors_of_txbox_calls_are_not_attempts() {
+        let transient = || Error::Database(sqlx::Error::PoolTimedOut);
+        assert!(HandlerError::from(transient()).is_transient_db());
+        assert!(HandlerError::retryable(transient()).is_transient_db());
+        assert!(!HandlerError::from(Error::Database(sqlx::Error::RowNotFound)).is_transient_db());
+        assert!(
+            !HandlerError::retryable(Error::Database(sqlx::Error::RowNotFound)).is_transient_db()
+        );
+        assert!(!HandlerError::retryable("a dependency is down").is_transient_db());
+        assert!(HandlerError::from(Error::InvalidEvent("bad".into())).is_permanent());
+        assert!(!HandlerError::from(Error::config("x")).is_permanent());
     }
 }

@@ -9,11 +9,17 @@
 //! Every staged event carries an event id (a UUID, assigned if absent); the
 //! relay sends it as the CloudEvents `ce_id` header (with `ce_specversion`),
 //! so a txbox inbox downstream drops redeliveries.
+//!
+//! Across transactions, one key's events are published in the order the
+//! transactions made their first write, or, with [`KeyOrder::Commit`], in
+//! the order they committed.
 
 mod event;
+mod key_order;
 mod stage;
 
 pub use event::OutboxEvent;
+pub use key_order::KeyOrder;
 pub use stage::Outbox;
 
 /// The namespace of [`derived_event_id`]'s name-based UUIDs (itself

@@ -3,7 +3,7 @@
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{stream_for_key, OutboxEvent};
+use super::{stream_for_key, KeyOrder, OutboxEvent};
 use crate::error::{Error, Result};
 use crate::schema::Schema;
 
@@ -35,31 +35,66 @@ use crate::schema::Schema;
 pub struct Outbox {
     streams: u32,
     notify_channel: Option<String>,
-    /// A plain insert, when no NOTIFY is sent.
-    insert_sql: String,
-    /// The insert and one `pg_notify` per stream written, in one statement.
-    insert_notify_sql: String,
+    key_order: KeyOrder,
+    /// The statements for keyless batches (and every batch in
+    /// [`KeyOrder::FirstWrite`]).
+    plain: Statements,
+    /// The statements that claim the keys' order heads first
+    /// ([`KeyOrder::Commit`]).
+    claiming: Statements,
 }
 
-impl Outbox {
-    /// An outbox in `schema` with one relay stream and no NOTIFY.
-    pub fn new(schema: Schema) -> Self {
+/// The insert, with and without NOTIFY.
+#[derive(Debug, Clone)]
+struct Statements {
+    /// A plain insert, when no NOTIFY is sent.
+    insert: String,
+    /// The insert and one `pg_notify` per stream written, in one statement.
+    insert_notify: String,
+}
+
+impl Statements {
+    /// `$1..$6` are the rows' columns, `$7` the NOTIFY channel. With
+    /// `claim`, the insert runs only after `outbox_key_order_claim` took
+    /// the keys' heads: an uncorrelated subquery in `WHERE` is a one-time
+    /// filter, evaluated once, before any row (and its id) is made.
+    fn new(schema: &Schema, claim: bool) -> Self {
         let table = schema.table("outbox");
+        let filter = if claim {
+            format!(
+                " WHERE (SELECT {}($1, $2, $3))",
+                schema.table("outbox_key_order_claim")
+            )
+        } else {
+            String::new()
+        };
         let insert = format!(
             "INSERT INTO {table} (stream, topic, key, payload, headers, event_id)
-             SELECT * FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::uuid[])"
+             SELECT * FROM unnest($1::int4[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::uuid[]){filter}"
         );
-        Outbox {
-            streams: 1,
-            notify_channel: None,
-            insert_notify_sql: format!(
+        Statements {
+            insert_notify: format!(
                 "WITH ins AS ({insert} RETURNING stream)
                  SELECT count(*) AS staged,
                         (SELECT count(pg_notify($7, s::text)) FROM (SELECT DISTINCT stream AS s FROM ins) d)
                           AS notified
                  FROM ins"
             ),
-            insert_sql: insert,
+            insert,
+        }
+    }
+}
+
+impl Outbox {
+    /// An outbox in `schema` with one relay stream, no NOTIFY and
+    /// [`KeyOrder::FirstWrite`].
+    pub fn new(schema: Schema) -> Self {
+        Outbox {
+            plain: Statements::new(&schema, false),
+            claiming: Statements::new(&schema, true),
+            streams: 1,
+            notify_channel: None,
+            key_order: KeyOrder::FirstWrite,
         }
     }
 
@@ -84,12 +119,36 @@ impl Outbox {
         self
     }
 
+    /// Publishes each key's events in the order of `order` across
+    /// transactions (default [`KeyOrder::FirstWrite`]). Every writer of a
+    /// key must use the same order; see [`KeyOrder`] for what
+    /// [`KeyOrder::Commit`] costs and how staging can then fail.
+    ///
+    /// ```
+    /// use txbox::outbox::KeyOrder;
+    /// use txbox::{Outbox, Schema};
+    ///
+    /// let outbox = Outbox::new(Schema::default()).streams(4)?.key_order(KeyOrder::Commit);
+    /// # Ok::<(), txbox::Error>(())
+    /// ```
+    pub fn key_order(mut self, order: KeyOrder) -> Self {
+        self.key_order = order;
+        self
+    }
+
     /// The number of relay streams.
     pub fn stream_count(&self) -> u32 {
         self.streams
     }
 
     /// Stages one event; returns its id.
+    ///
+    /// With [`KeyOrder::Commit`] this fails with a serialization failure
+    /// (SQLSTATE 40001, [`Error::is_transient`]) when a transaction that
+    /// began writing after this one staged the same key and committed
+    /// first; the transaction is then aborted: retry all of it. Returned
+    /// from an inbox handler with `?`, it is retried for you without
+    /// counting as an attempt.
     pub async fn stage(&self, conn: &mut PgConnection, event: OutboxEvent) -> Result<Uuid> {
         let id = event.event_id;
         self.stage_all(conn, [event]).await?;
@@ -97,7 +156,10 @@ impl Outbox {
     }
 
     /// Stages many events in one round trip; returns their ids in order.
-    /// Within a key, staging order is publishing order.
+    /// Within a key, staging order is publishing order. With
+    /// [`KeyOrder::Commit`], the keys' order heads are taken in (topic,
+    /// key) order, so two transactions staging the same keys in one call
+    /// each do not deadlock; fails as [`Outbox::stage`] does.
     pub async fn stage_all(
         &self,
         conn: &mut PgConnection,
@@ -129,6 +191,10 @@ impl Outbox {
             payloads.push(e.payload);
         }
         crate::crash_point!("outbox.before_stage");
+        let sql = match self.key_order {
+            KeyOrder::Commit if keys.iter().any(Option::is_some) => &self.claiming,
+            _ => &self.plain,
+        };
         let insert = |sql| {
             sqlx::query(sql)
                 .bind(&streams)
@@ -139,12 +205,9 @@ impl Outbox {
                 .bind(&ids)
         };
         let staged: u64 = match &self.notify_channel {
-            None => insert(&self.insert_sql)
-                .execute(conn)
-                .await?
-                .rows_affected(),
+            None => insert(&sql.insert).execute(conn).await?.rows_affected(),
             Some(channel) => {
-                let row = insert(&self.insert_notify_sql)
+                let row = insert(&sql.insert_notify)
                     .bind(channel)
                     .fetch_one(conn)
                     .await?;

@@ -58,4 +58,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "relay_dead_letter_ids",
         sql: include_str!("../../../../migrations/0007_relay_dead_letter_ids.sql"),
     },
+    Migration {
+        version: 8,
+        name: "outbox_key_order",
+        sql: include_str!("../../../../migrations/0008_outbox_key_order.sql"),
+    },
 ];
