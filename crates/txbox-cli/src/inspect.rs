@@ -16,51 +16,6 @@ fn cols(q: &mut SelectStatement, names: &[&str]) {
     }
 }
 
-pub(crate) async fn dead_letters(
-    pool: &PgPool,
-    schema: &Schema,
-    group: Option<&str>,
-    limit: u64,
-) -> anyhow::Result<()> {
-    let mut q = Query::select();
-    cols(
-        &mut q,
-        &[
-            "id",
-            "consumer_group",
-            "topic",
-            "partition",
-            "\"offset\"",
-            "event_id",
-            "attempts",
-            "last_failed_at",
-            "error",
-        ],
-    );
-    q.from(table(schema, "inbox_dead_letters"))
-        .order_by(Alias::new("id"), Order::Desc)
-        .limit(limit);
-    if let Some(g) = group {
-        q.and_where(Expr::col(Alias::new("consumer_group")).eq(g));
-    }
-    print_rows(
-        pool,
-        &q,
-        &[
-            "id",
-            "group",
-            "topic",
-            "part",
-            "offset",
-            "event_id",
-            "attempts",
-            "last_failed_at",
-            "error",
-        ],
-    )
-    .await
-}
-
 pub(crate) async fn offsets(
     pool: &PgPool,
     schema: &Schema,

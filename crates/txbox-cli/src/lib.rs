@@ -4,7 +4,12 @@
 //! ```text
 //! txbox migrate [--dry-run]          apply pending migrations (under a lock)
 //! txbox migrate status               list migrations and their state
-//! txbox dead-letters [--group G]     list inbox dead letters
+//! txbox dead-letters [--relay] [--group G] [--error TEXT] ...
+//!                                    list dead letters (inbox, or relay)
+//! txbox dead-letters show ID         one in full
+//! txbox dead-letters replay|discard (--id N | filters) [--execute]
+//!                                    replay through the handler, or discard
+//!                                    with an audit row (dry run by default)
 //! txbox offsets [--group G]          list inbox positions and epochs
 //! txbox offsets reset --group G --topic T
 //!       (--to-offset N | --shift-by N | --to-earliest | --to-latest)
@@ -21,10 +26,13 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod dead_letters;
 mod inspect;
 mod reanchor;
+mod relay_dead_letters;
 mod reset;
 
+pub use dead_letters::{Action as DeadLetterAction, DeadLettersArgs, Selection};
 pub use reanchor::ReAnchorArgs;
 pub use reset::ResetArgs;
 
@@ -79,15 +87,8 @@ pub enum Command {
         #[command(subcommand)]
         sub: Option<MigrateCommand>,
     },
-    /// List inbox dead letters, newest first.
-    DeadLetters {
-        /// Only this consumer group.
-        #[arg(long)]
-        group: Option<String>,
-        /// At most this many rows.
-        #[arg(long, default_value_t = 50)]
-        limit: u64,
-    },
+    /// List, show, replay or discard dead letters (inbox, or --relay).
+    DeadLetters(DeadLettersArgs),
     /// List inbox positions (next offset and fencing epoch per partition),
     /// or move them (`reset`).
     Offsets {
@@ -182,9 +183,9 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
                 println!("applied {} {} to schema {schema}", m.version, m.name);
             }
         }
-        Command::DeadLetters { group, limit } => {
+        Command::DeadLetters(args) => {
             migrator.verify(&pool).await?;
-            inspect::dead_letters(&pool, &schema, group.as_deref(), limit).await?;
+            dead_letters::run(&pool, &schema, args).await?;
         }
         Command::Offsets { group, sub: None } => {
             migrator.verify(&pool).await?;

@@ -290,7 +290,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-async fn run_handler(
+pub(crate) async fn run_handler(
     tx: &mut Tx,
     route: &Route,
     chunk: &[InboxMessage],

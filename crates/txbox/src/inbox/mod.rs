@@ -30,16 +30,19 @@
 mod assignment;
 mod commit;
 mod config;
+mod dead_letters;
 mod event_id;
 mod handler;
 mod message;
 mod partition;
 mod positions;
 mod prune;
+mod replay;
 mod runtime;
 mod sql;
 
 pub use config::{FailureAction, RetryPolicy, StartFrom};
+pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetters};
 pub use event_id::EventIdSource;
 pub use handler::{BatchError, BatchHandler, Handler, HandlerError, Tx};
 pub use message::{DecodeError, InboxMessage};

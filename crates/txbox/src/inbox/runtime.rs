@@ -150,6 +150,7 @@ impl Inbox {
         tracing::info!(group = %self.shared.group, ?topics, owner = %self.shared.owner, "inbox started");
 
         let pruner = tokio::spawn(super::prune::run(self.shared.clone(), stop.clone()));
+        let replayer = tokio::spawn(super::replay::run(self.shared.clone(), stop.clone()));
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last_mirror = tokio::time::Instant::now();
         let mut last_error: Option<(String, tokio::time::Instant)> = None;
@@ -206,6 +207,7 @@ impl Inbox {
             let _ = w.await;
         }
         let _ = pruner.await;
+        let _ = replayer.await;
         consumer.unsubscribe();
         Ok(())
     }

@@ -28,6 +28,16 @@ pub(crate) struct Statements {
     /// unique but its id, and the caller checks that one row was written.
     pub dead_letter: String,
     pub prune: String,
+    /// Takes one dead letter whose replay was requested ($1 group, $2
+    /// topics with a handler here), locked, skipping those another
+    /// consumer of the group is replaying.
+    pub replay_take: String,
+    /// Forgets an event id ($1 group, $2 id), so the replay runs the handler.
+    pub replay_forget: String,
+    /// Records the replay in the audit trail and deletes the dead letter ($1 id).
+    pub replay_done: String,
+    /// A failed replay ($1 id, $2 error): the request is cleared.
+    pub replay_failed: String,
     /// The epoch sequence's qualified name, bound as a `regclass` text.
     pub epochs: String,
 }
@@ -69,6 +79,30 @@ impl Statements {
                 "INSERT INTO {dead} (consumer_group, topic, partition, \"offset\", event_id, key, payload,
                                      headers, error, attempts, first_failed_at, last_failed_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            ),
+            replay_take: format!(
+                "SELECT id, topic, partition, \"offset\", event_id, key, payload, headers,
+                        replay_requested_by
+                 FROM {dead}
+                 WHERE consumer_group = $1 AND replay_requested_at IS NOT NULL AND topic = ANY($2)
+                 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ),
+            replay_forget: format!(
+                "DELETE FROM {processed} WHERE consumer_group = $1 AND event_id = $2"
+            ),
+            replay_done: format!(
+                "WITH audit AS (
+                     INSERT INTO {audit} (kind, dead_letter_id, action, actor, dead_letter)
+                     SELECT 'inbox', d.id, 'replayed', COALESCE(d.replay_requested_by, 'unknown'), to_jsonb(d)
+                     FROM {dead} d WHERE d.id = $1
+                     RETURNING dead_letter_id)
+                 DELETE FROM {dead} WHERE id = (SELECT dead_letter_id FROM audit)",
+                audit = schema.table("dead_letter_audit")
+            ),
+            replay_failed: format!(
+                "UPDATE {dead} SET replay_requested_at = NULL, replay_attempts = replay_attempts + 1,
+                                   replay_error = $2
+                 WHERE id = $1"
             ),
             epochs: schema.table("inbox_epochs"),
             prune: format!(

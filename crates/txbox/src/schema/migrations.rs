@@ -63,4 +63,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "outbox_key_order",
         sql: include_str!("../../../../migrations/0008_outbox_key_order.sql"),
     },
+    Migration {
+        version: 9,
+        name: "dead_letter_operations",
+        sql: include_str!("../../../../migrations/0009_dead_letter_operations.sql"),
+    },
 ];
