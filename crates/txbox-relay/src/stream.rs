@@ -411,6 +411,9 @@ impl Leader<'_> {
         let stream_label = stream.to_string();
         let mut attempt: u32 = 0;
         let mut prefetched: Option<(Position, Vec<OutboxRow>)> = None;
+        // Rows still to publish one at a time, to find which row of a
+        // refused batch Kafka refuses (see the `Rejected` arm).
+        let mut isolate: usize = 0;
         self.guards
             .prune_tx
             .send_replace(Some((self.lease.token(), self.lease.position())));
@@ -441,11 +444,12 @@ impl Leader<'_> {
                 }
             }
             let read_started = Instant::now();
+            let limit = if isolate > 0 { 1 } else { config.batch_size };
             let rows = match prefetched.take() {
-                Some((after, rows)) if after == self.position => rows,
+                Some((after, rows)) if after == self.position && isolate == 0 => rows,
                 _ => match self
                     .cursor
-                    .read(&self.task.pool, self.position, config.batch_size)
+                    .read(&self.task.pool, self.position, limit)
                     .await
                 {
                     Ok(rows) => rows,
@@ -509,6 +513,7 @@ impl Leader<'_> {
                         "batch published"
                     );
                     attempt = 0;
+                    isolate = isolate.saturating_sub(done.count);
                     if let Some((after, Ok(rows))) = next {
                         if !rows.is_empty() {
                             prefetched = Some((after, rows));
@@ -524,6 +529,7 @@ impl Leader<'_> {
                     if let Err(exit) = self.record_prefix(&rows, delivered, report).await {
                         return exit;
                     }
+                    isolate = isolate.saturating_sub(delivered);
                     attempt += 1;
                     report.retries += 1;
                     metrics::counter!("txbox_relay_retries_total", "stream" => stream_label.clone()).increment(1);
@@ -541,6 +547,19 @@ impl Leader<'_> {
                     let Some(row) = rows.get(index) else {
                         return Exit::Fatal(format!("rejected row index {index} out of range"));
                     };
+                    // A broker refuses a whole record batch (all of one
+                    // partition's rows in a produce request) when one of
+                    // its records is too large, and every row of it fails
+                    // with the same error: the row named may be innocent.
+                    // Publish what was not published one row at a time
+                    // until a row is refused alone; only that one is.
+                    if rows.len() > 1 {
+                        isolate = rows.len() - delivered;
+                        tracing::warn!(stream, outbox_id = row.id, topic = %row.topic, error = %error,
+                            rows = isolate, "Kafka refused a row of the batch; publishing the rest one row at a time to find the row it refuses");
+                        continue;
+                    }
+                    isolate = 0;
                     match config.on_reject {
                         OnReject::Stop => {
                             return Exit::Stop(Error::Rejected {

@@ -83,7 +83,7 @@ impl Broker {
     /// # Panics
     /// If the broker refuses.
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        create_topic(&self.bootstrap, name, partitions).await;
+        create_topic(&self.bootstrap, name, partitions, &[]).await;
     }
 
     /// Deletes a topic and waits until metadata no longer lists it, so a
@@ -139,14 +139,38 @@ impl Broker {
         self.create_topic(&name, partitions).await;
         name
     }
+
+    /// A fresh uniquely named topic with `partitions` partitions and these
+    /// topic configs (`("max.message.bytes", "2000")`, ...).
+    ///
+    /// # Panics
+    /// If the broker refuses the topic or a config.
+    pub async fn topic_with_configs(
+        &self,
+        prefix: &str,
+        partitions: i32,
+        configs: &[(&str, &str)],
+    ) -> String {
+        let name = crate::unique_name(prefix);
+        create_topic(&self.bootstrap, &name, partitions, configs).await;
+        name
+    }
 }
 
-pub(crate) async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+pub(crate) async fn create_topic(
+    bootstrap: &str,
+    name: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let topic = configs.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+        |topic, (key, value)| topic.set(key, value),
+    );
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&topic], &opts)

@@ -11,24 +11,32 @@
 //! - [`kafka`]: produce and consume helpers that report what a consumer saw.
 //! - [`process`]: child processes killed with SIGKILL at named crash points.
 //! - [`proxy`]: a TCP proxy that can cut a service off, to simulate outages.
+//! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach
+//!   the server and loses its reply.
+//! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
+//!   counters.
 //!
 //! Environment: `TXBOX_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `KAFKA_BOOTSTRAP` (a
 //! running Apache Kafka; otherwise one is started with `scripts/kafka`).
 
 mod broker;
+mod captured_metrics;
 mod db;
 pub mod kafka;
 mod kafka_server;
 mod mock;
+mod pg_proxy;
 pub mod process;
 pub mod proxy;
 mod server;
 
 pub use broker::{kafka, Broker};
+pub use captured_metrics::CapturedMetrics;
 pub use db::{admin_url, TestDb};
 pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;
+pub use pg_proxy::{CommitCut, CommitReply, PgProxy};
 pub use server::PgServer;
 
 /// A name unique to this process and call, for topics, groups and schemas.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -242,4 +243,47 @@ pub fn binary_args<'a>(db: &'a TestDb, bootstrap: &'a str, extra: &[&'a str]) ->
     ];
     args.extend_from_slice(extra);
     args
+}
+
+/// How one key's event ids, as a consumer saw them, follow their staging
+/// order `staged`: cut into runs of consecutive staged ids, returned as
+/// ranges of `staged`. The order at-least-once publishing promises is a
+/// first run from the start, each later run a re-send that starts before
+/// the previous run ended (a retry resumes at the first row not recorded,
+/// never after a gap), and the last run reaching the end. Anything else
+/// (a skipped row, a row out of order, an id not staged) is an error
+/// naming it.
+pub fn resend_runs(seen: &[String], staged: &[String]) -> Result<Vec<Range<usize>>, String> {
+    let index: HashMap<&str, usize> = staged
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for id in seen {
+        let i = *index
+            .get(id.as_str())
+            .ok_or_else(|| format!("{id} was not staged"))?;
+        match runs.last_mut() {
+            Some(run) if run.end == i => run.end += 1,
+            Some(run) if i >= run.end => {
+                return Err(format!(
+                    "{id} (staged #{i}) follows #{}: rows skipped",
+                    run.end - 1
+                ))
+            }
+            _ => runs.push(i..i + 1),
+        }
+    }
+    match (runs.first(), runs.last()) {
+        (None, None) if staged.is_empty() => {}
+        (Some(first), Some(last)) if first.start == 0 && last.end == staged.len() => {}
+        _ => {
+            return Err(format!(
+                "runs {runs:?} do not start at #0 and end at #{}",
+                staged.len()
+            ))
+        }
+    }
+    Ok(runs)
 }

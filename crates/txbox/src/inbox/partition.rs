@@ -96,6 +96,18 @@ impl PartitionWorker {
         self.committed.store(next, Ordering::Relaxed);
     }
 
+    /// Our epoch holds but Postgres stores another position than ours: an
+    /// earlier commit of ours landed although its acknowledgement was lost
+    /// (the connection broke after `COMMIT` was sent). Take the stored
+    /// position; the messages below it are applied already.
+    fn resync(&mut self, next: i64) {
+        metrics::counter!("txbox_inbox_resyncs_total").increment(1);
+        tracing::info!(topic = %self.pos.topic, partition = self.pos.partition,
+            from = self.pos.next_offset, to = next,
+            "resynced offset from database (an earlier commit landed unacknowledged)");
+        self.advance_to(next);
+    }
+
     fn ctx(&self) -> Ctx<'_> {
         Ctx {
             pool: &self.shared.pool,
@@ -264,11 +276,7 @@ impl PartitionWorker {
                     }
                     return Ok(Outcome::Done);
                 }
-                Attempt::Resync { next_offset } => {
-                    tracing::info!(topic = %self.pos.topic, partition = self.pos.partition,
-                        from = self.pos.next_offset, to = next_offset, "resynced offset from database");
-                    self.advance_to(next_offset);
-                }
+                Attempt::Resync { next_offset } => self.resync(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
                 Attempt::HandlerFailed { error, .. } if error.is_transient_db() => {
                     db_failures += 1;
@@ -299,7 +307,7 @@ impl PartitionWorker {
             .delay(failures)
             .min(Duration::from_secs(5));
         tracing::warn!(topic = %self.pos.topic, partition = self.pos.partition, error,
-            retry_in_ms = delay.as_millis() as u64, "database unavailable; nothing committed, will retry");
+            retry_in_ms = delay.as_millis() as u64, "database unavailable; will retry (a commit that landed unacknowledged is resynced, not applied again)");
         self.sleep(delay).await
     }
 
@@ -378,7 +386,7 @@ impl PartitionWorker {
                     self.advance_to(op.next_offset());
                     return Ok(true);
                 }
-                Attempt::Resync { next_offset } => self.advance_to(next_offset),
+                Attempt::Resync { next_offset } => self.resync(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
                 // The database refuses what the row holds (data exception,
                 // constraint): retrying writes the same row. Stop, with the
