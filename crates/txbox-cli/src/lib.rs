@@ -15,6 +15,11 @@
 //!       (--to-offset N | --shift-by N | --to-earliest | --to-latest)
 //!       [--partition P]... [--brokers B] [--execute]
 //!                                    move positions (dry run unless --execute)
+//! txbox offsets reset ... --to-datetime 2024-05-01T12:00:00Z --brokers B
+//!                                    move to the first message at that time
+//! txbox status [--brokers B] [--json] [--hold-back-alert 60s]
+//!                                    where everything stands; exit 2 when
+//!                                    something needs a person
 //! txbox relay-status                 list relay streams, owners and positions
 //! txbox relay re-anchor --stream N [--execute]
 //!                                    anchor a relay stream in this database's
@@ -26,15 +31,18 @@
 
 #![warn(clippy::unwrap_used)]
 
+mod brokers;
 mod dead_letters;
 mod inspect;
 mod reanchor;
 mod relay_dead_letters;
 mod reset;
+mod status;
 
 pub use dead_letters::{Action as DeadLetterAction, DeadLettersArgs, Selection};
 pub use reanchor::ReAnchorArgs;
 pub use reset::ResetArgs;
+pub use status::StatusArgs;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -99,6 +107,8 @@ pub enum Command {
         #[command(subcommand)]
         sub: Option<OffsetsCommand>,
     },
+    // The help is StatusArgs' (a doc comment here would replace it).
+    Status(StatusArgs),
     /// List relay streams: owner, lease, position, published count.
     RelayStatus,
     /// Relay stream operations (`re-anchor`).
@@ -112,8 +122,7 @@ pub enum Command {
 /// `txbox relay` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum RelayCommand {
-    /// Anchor a stream in this database's history after a restore, a
-    /// cutover or a failover (a dry run unless --execute).
+    // The help, with examples, is ReAnchorArgs'.
     ReAnchor(ReAnchorArgs),
 }
 
@@ -127,13 +136,31 @@ pub enum MigrateCommand {
 /// `txbox offsets` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum OffsetsCommand {
-    /// Move a group's stored positions on a topic and fence their owners
-    /// (a dry run unless --execute).
+    // The help, with examples, is ResetArgs'.
     Reset(ResetArgs),
 }
 
+/// How a command that ran ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done; nothing needs a person (exit code 0).
+    Done,
+    /// `txbox status` found something that needs a person (exit code 2).
+    NeedsAttention,
+}
+
+impl Outcome {
+    /// The process exit code: 0 or 2 (errors exit 1).
+    pub fn exit_code(self) -> std::process::ExitCode {
+        match self {
+            Outcome::Done => std::process::ExitCode::SUCCESS,
+            Outcome::NeedsAttention => std::process::ExitCode::from(2),
+        }
+    }
+}
+
 /// Runs one command.
-pub async fn run(opt: Opt) -> anyhow::Result<()> {
+pub async fn run(opt: Opt) -> anyhow::Result<Outcome> {
     let url = opt
         .database_url
         .as_deref()
@@ -198,6 +225,10 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
             migrator.verify(&pool).await?;
             reset::run(&pool, &schema, args).await?;
         }
+        Command::Status(args) => {
+            migrator.verify(&pool).await?;
+            return status::run(&pool, &schema, args).await;
+        }
         Command::RelayStatus => {
             migrator.verify(&pool).await?;
             inspect::relay_streams(&pool, &schema).await?;
@@ -209,7 +240,7 @@ pub async fn run(opt: Opt) -> anyhow::Result<()> {
             reanchor::run(&pool, &schema, args).await?;
         }
     }
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 /// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).

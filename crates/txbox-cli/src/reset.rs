@@ -1,15 +1,15 @@
 //! `txbox offsets reset`: move a group's stored positions on a topic.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::Context as _;
+use chrono::{DateTime, FixedOffset};
 use clap::{ArgGroup, Args};
 use sqlx::PgPool;
 use txbox::inbox::{PositionReset, ResetTo};
-use txbox::rdkafka::config::ClientConfig;
-use txbox::rdkafka::consumer::BaseConsumer;
 use txbox::Schema;
+
+use crate::brokers::Log;
 
 /// Move a group's stored positions on a topic and fence their owners.
 ///
@@ -17,11 +17,20 @@ use txbox::Schema;
 /// partition is fenced and holds it, unprocessed, until it restarts or the
 /// group rebalances. Prints the plan and changes nothing unless `--execute`
 /// is given (as `kafka-consumer-groups --reset-offsets`).
+///
+/// Examples:
+///
+///   txbox offsets reset --group ledger --topic payments --shift-by -100
+///   txbox offsets reset --group ledger --topic payments --to-latest \
+///       --brokers kafka:9092 --execute
+///   txbox offsets reset --group ledger --topic payments \
+///       --to-datetime 2024-05-01T12:00:00Z --brokers kafka:9092 --execute
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 #[command(group(
     ArgGroup::new("target")
         .required(true)
-        .args(["to_offset", "shift_by", "to_earliest", "to_latest"])
+        .args(["to_offset", "shift_by", "to_earliest", "to_latest", "to_datetime"])
 ))]
 pub struct ResetArgs {
     /// The consumer group.
@@ -46,6 +55,11 @@ pub struct ResetArgs {
     /// --brokers).
     #[arg(long, requires = "brokers")]
     pub to_latest: bool,
+    /// Move to the first message at or after this time (RFC 3339, e.g.
+    /// 2024-05-01T12:00:00Z), as the brokers index timestamps; a time after
+    /// the last message moves to the log end (needs --brokers).
+    #[arg(long, requires = "brokers", value_parser = parse_datetime, value_name = "RFC3339")]
+    pub to_datetime: Option<DateTime<FixedOffset>>,
     /// Kafka bootstrap servers, to read the log's bounds.
     #[arg(long, env = "TXBOX_KAFKA_BOOTSTRAP", value_name = "SERVERS")]
     pub brokers: Option<String>,
@@ -95,8 +109,9 @@ pub(crate) async fn run(pool: &PgPool, schema: &Schema, args: ResetArgs) -> anyh
     Ok(())
 }
 
-/// The selected partitions' log start (`--to-earliest`) or end
-/// (`--to-latest`), read from the brokers.
+/// The selected partitions' log start (`--to-earliest`), end
+/// (`--to-latest`) or first offset at a time (`--to-datetime`), read from
+/// the brokers.
 async fn log_bounds(
     pool: &PgPool,
     schema: &Schema,
@@ -107,35 +122,38 @@ async fn log_bounds(
     } else {
         args.partitions.clone()
     };
-    let brokers = args
-        .brokers
-        .clone()
-        .context("--to-earliest and --to-latest need --brokers (or TXBOX_KAFKA_BOOTSTRAP)")?;
-    let mut config = ClientConfig::new();
-    for (k, v) in &args.kafka_options {
-        config.set(k, v);
-    }
-    config.set("bootstrap.servers", &brokers);
-    let (topic, latest) = (args.topic.clone(), args.to_latest);
+    let brokers = args.brokers.clone().context(
+        "--to-earliest, --to-latest and --to-datetime need --brokers (or TXBOX_KAFKA_BOOTSTRAP)",
+    )?;
+    let options = args.kafka_options.clone();
+    let (topic, latest, at) = (
+        args.topic.clone(),
+        args.to_latest,
+        args.to_datetime.map(|t| t.timestamp_millis()),
+    );
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.create().context("Kafka client")?;
+        let log = Log::connect(&brokers, &options)?;
+        if let Some(millis) = at {
+            return Ok(log
+                .offsets_for_time(&topic, &partitions, millis)?
+                .into_iter()
+                .collect());
+        }
         partitions
             .into_iter()
             .map(|p| {
-                let (low, high) = txbox::rdkafka::consumer::Consumer::fetch_watermarks(
-                    &consumer,
-                    &topic,
-                    p,
-                    Duration::from_secs(10),
-                )
-                .with_context(|| {
-                    format!("cannot read the bounds of {topic} partition {p} from {brokers}")
-                })?;
+                let (low, high) = log.bounds(&topic, p)?;
                 Ok((p, if latest { high } else { low }))
             })
             .collect()
     })
     .await?
+}
+
+/// Parses an RFC 3339 time (`2024-05-01T12:00:00Z`, `...+02:00`).
+fn parse_datetime(s: &str) -> Result<DateTime<FixedOffset>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map_err(|e| format!("{e}: expected RFC 3339, e.g. 2024-05-01T12:00:00Z"))
 }
 
 /// The partitions of `topic` with a stored position for `group`.

@@ -1,27 +1,19 @@
 //! `txbox offsets reset`: a dry run by default, `--execute` to apply, a
-//! clear failure for positions never stored. Real Postgres.
+//! clear failure for positions never stored; targets read from the
+//! brokers (log start, end, time). Real Postgres and Apache Kafka.
 
-use std::process::{Command, Output};
+mod common;
 
+use std::process::Output;
 use std::time::Duration;
 
+use common::{txbox, wait_log_ends};
 use txbox::rdkafka::admin::{AdminClient, AdminOptions};
 use txbox::rdkafka::client::DefaultClientContext;
 use txbox::rdkafka::config::ClientConfig;
-use txbox::rdkafka::consumer::{BaseConsumer, Consumer};
 use txbox::rdkafka::{Offset, TopicPartitionList};
 use txbox_testkit::kafka::Record;
 use txbox_testkit::{kafka, TestDb};
-
-fn txbox(db: &TestDb, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_txbox"))
-        .args(["--database-url", db.url()])
-        .args(args)
-        .env_remove("TXBOX_SCHEMA")
-        .env_remove("TXBOX_KAFKA_BOOTSTRAP")
-        .output()
-        .expect("run txbox")
-}
 
 /// `txbox offsets reset --group ledger --topic payments` and `args`.
 fn reset(db: &TestDb, args: &[&str]) -> Output {
@@ -101,33 +93,6 @@ async fn offsets_reset_previews_then_executes_and_refuses_unknown_partitions() {
 
     let neither = reset(&db, &[]);
     assert!(!neither.status.success(), "needs --to-offset or --shift-by");
-}
-
-/// Waits until the broker reports `ends` as the partitions' log ends.
-async fn wait_log_ends(bootstrap: &str, topic: &str, ends: &[i64]) {
-    let (bootstrap, topic, ends) = (bootstrap.to_owned(), topic.to_owned(), ends.to_vec());
-    tokio::task::spawn_blocking(move || {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .expect("client");
-        for _ in 0..300 {
-            let now: Vec<i64> = (0..ends.len())
-                .map(|p| {
-                    client
-                        .fetch_watermarks(&topic, p as i32, Duration::from_secs(5))
-                        .map_or(-1, |w| w.1)
-                })
-                .collect();
-            if now == ends {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("log ends never reached {ends:?}");
-    })
-    .await
-    .expect("watermark wait");
 }
 
 /// Deletes the records of `partition` below `offset`, so its log starts there.
@@ -214,4 +179,97 @@ async fn offsets_reset_to_the_log_start_or_end_reads_them_from_the_brokers() {
         vec![(0, 5, 2), (1, 2, 3)],
         "refusals change nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_reset_to_a_datetime_moves_to_the_first_message_at_or_after_it() {
+    let db = TestDb::new().await;
+    let broker = kafka().await;
+    let topic = broker.topic("by-time", 2).await;
+    let batch = |from: i32| {
+        (from..from + 6)
+            .map(|i| Record::new(format!("m{i}")).partition(i % 2))
+            .collect()
+    };
+    kafka::produce(broker.bootstrap(), &topic, batch(0)).await;
+    wait_log_ends(broker.bootstrap(), &topic, &[3, 3]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let between = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = kafka::produce(broker.bootstrap(), &topic, batch(6)).await;
+    wait_log_ends(broker.bootstrap(), &topic, &[6, 6]).await;
+    let first_of_second = |p: i32| {
+        second
+            .iter()
+            .filter(|(part, _)| *part == p)
+            .map(|(_, o)| *o)
+            .min()
+            .expect("second batch on every partition")
+    };
+    assert_eq!((first_of_second(0), first_of_second(1)), (3, 3));
+    sqlx::query(
+        "INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset, epoch)
+         VALUES ('ledger', $1, 0, 0, 1), ('ledger', $1, 1, 6, 1)",
+    )
+    .bind(&topic)
+    .execute(db.pool())
+    .await
+    .expect("seed positions");
+    let reset = |args: &[&str]| {
+        let mut all = vec!["offsets", "reset", "--group", "ledger", "--topic", &topic];
+        all.extend_from_slice(args);
+        txbox(&db, &all)
+    };
+    let at = between.to_rfc3339();
+
+    let dry = reset(&["--to-datetime", &at, "--brokers", broker.bootstrap()]);
+    assert!(dry.status.success(), "{dry:?}");
+    let out = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        out.contains(&format!("ledger\t{topic}\t0\t0\t3\t")),
+        "{out}"
+    );
+    assert!(out.contains("dry run"), "{out}");
+    assert_eq!(positions(&db).await, vec![(0, 0, 1), (1, 6, 1)]);
+
+    let run = reset(&[
+        "--to-datetime",
+        &at,
+        "--brokers",
+        broker.bootstrap(),
+        "--execute",
+    ]);
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(
+        positions(&db).await,
+        vec![(0, 3, 2), (1, 3, 2)],
+        "both partitions at the first offset of the second batch"
+    );
+
+    // After the last message: the log end.
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let end = reset(&[
+        "--to-datetime",
+        &later,
+        "--brokers",
+        broker.bootstrap(),
+        "--execute",
+    ]);
+    assert!(end.status.success(), "{end:?}");
+    assert_eq!(positions(&db).await, vec![(0, 6, 3), (1, 6, 3)]);
+
+    let bad = reset(&[
+        "--to-datetime",
+        "yesterday",
+        "--brokers",
+        broker.bootstrap(),
+    ]);
+    assert!(!bad.status.success(), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"),
+        "{bad:?}"
+    );
+    let no_brokers = reset(&["--to-datetime", &at]);
+    assert!(!no_brokers.status.success(), "{no_brokers:?}");
+    assert_eq!(positions(&db).await, vec![(0, 6, 3), (1, 6, 3)]);
 }
