@@ -67,7 +67,7 @@ pub enum Error {
     },
 
     /// The stream's stored position belongs to another database history
-    /// than this database's (see [`crate::history`]): resuming after it
+    /// than this database's (see [`History`](crate::History)): resuming after it
     /// could skip, then prune, rows staged since. Nothing was published or
     /// deleted.
     #[error(

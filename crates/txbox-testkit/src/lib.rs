@@ -2,13 +2,13 @@
 //!
 //! - [`TestDb`]: a fresh PostgreSQL database per test, migrated, dropped after.
 //! - [`PgServer`]: a private PostgreSQL server a test can stop and restart.
-//! - [`kafka`]: the real Apache Kafka broker tests share (the one at
+//! - [`kafka()`]: the real Apache Kafka broker tests share (the one at
 //!   `KAFKA_BOOTSTRAP`, or a private one per test process); topics per test.
 //! - [`KafkaServer`]: a private Apache Kafka broker a test can kill and
 //!   restart.
 //! - [`MockKafka`]: librdkafka's in-process mock cluster, for injected
 //!   broker errors only (it shows aborted records and does not fence).
-//! - [`kafka`]: produce and consume helpers that report what a consumer saw.
+//! - [`kafka`](mod@kafka): produce and consume helpers that report what a consumer saw.
 //! - [`process`]: child processes killed with SIGKILL at named crash points.
 //! - [`proxy`]: a TCP proxy that can cut a service off, to simulate outages.
 //! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach

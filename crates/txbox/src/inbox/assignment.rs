@@ -29,7 +29,7 @@ use super::commit::{Dedupe, Position};
 use super::config::StartFrom;
 use super::message::panic_message;
 use super::partition::PartitionWorker;
-use super::runtime::Shared;
+use super::shared::Shared;
 use super::InboxMessage;
 
 /// A partition this consumer currently owns.

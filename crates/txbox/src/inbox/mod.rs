@@ -39,6 +39,7 @@ mod positions;
 mod prune;
 mod replay;
 mod runtime;
+mod shared;
 mod sql;
 
 pub use config::{FailureAction, RetryPolicy, StartFrom};

@@ -15,7 +15,7 @@ use super::commit::{self, sqlstate_is, Attempt, Ctx, Dedupe, Failure, Position, 
 use super::config::FailureAction;
 use super::handler::HandlerError;
 use super::message::position_id;
-use super::runtime::Shared;
+use super::shared::Shared;
 use super::InboxMessage;
 use crate::db::is_transient;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::runtime::Shared;
+use super::shared::Shared;
 
 pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     loop {

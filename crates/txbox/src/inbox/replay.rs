@@ -23,7 +23,7 @@ use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
 use super::commit::run_handler;
-use super::runtime::Shared;
+use super::shared::Shared;
 use super::InboxMessage;
 use crate::headers::Headers;
 

@@ -18,25 +18,12 @@ use super::commit::Route;
 use super::config::{FailureAction, Options, RetryPolicy, StartFrom, Waits};
 use super::handler::{BatchHandler, Handler};
 use super::message::{identify, position_id, Identity};
+use super::shared::Shared;
 use super::sql::Statements;
 use super::{EventIdSource, InboxMessage};
 use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::schema::{Migrator, Schema};
-
-/// What every partition worker shares.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub pool: PgPool,
-    pub sql: Statements,
-    pub group: String,
-    pub owner: String,
-    pub routes: HashMap<Arc<str>, Route>,
-    pub opts: Options,
-    /// Signalled by a worker whose queue fell to the resume threshold, so a
-    /// paused partition is resumed at once rather than on the next tick.
-    pub drained: tokio::sync::Notify,
-}
 
 /// A Kafka consumer whose positions, dedupe and effects commit together in
 /// PostgreSQL. Build with [`Inbox::builder`], then [`run`](Inbox::run).
