@@ -23,6 +23,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use txbox::outbox::KeyOrder;
 use txbox::{Outbox, OutboxEvent, Schema};
 use txbox_relay::Mode;
+use txbox_testkit::xid::sqlstate;
 use txbox_testkit::{kafka, TestDb};
 
 async fn setup(db: &TestDb) {
@@ -41,25 +42,9 @@ fn outbox(order: KeyOrder) -> Outbox {
         .key_order(order)
 }
 
-/// Begins a transaction and makes a first write unrelated to the outbox
-/// (as an inbox batch's event-id insert is), which gives the transaction
-/// its id; returns the transaction and the id.
+/// [`txbox_testkit::xid::begin_writing`] into this test's `noise` table.
 async fn begin_writing(pool: &PgPool) -> (Transaction<'static, Postgres>, u64) {
-    let mut tx = pool.begin().await.unwrap();
-    let xid: String = sqlx::query_scalar(
-        "WITH w AS (INSERT INTO noise DEFAULT VALUES) SELECT pg_current_xact_id()::text",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    (tx, xid.parse().unwrap())
-}
-
-fn sqlstate(e: &txbox::Error) -> Option<String> {
-    match e {
-        txbox::Error::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
+    txbox_testkit::xid::begin_writing(pool, "noise").await
 }
 
 /// What a `read_committed` consumer of `topic` sees, as `ce_id`s in

@@ -11,6 +11,7 @@
 //! - [`kafka`](mod@kafka): produce and consume helpers that report what a consumer saw.
 //! - [`process`]: child processes killed with SIGKILL at named crash points.
 //! - [`proxy`]: a TCP proxy that can cut a service off, to simulate outages.
+//! - [`xid`]: transactions given an id by a first write, for order tests.
 //! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach
 //!   the server and loses its reply.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
@@ -30,6 +31,7 @@ mod pg_proxy;
 pub mod process;
 pub mod proxy;
 mod server;
+pub mod xid;
 
 pub use broker::{kafka, Broker};
 pub use captured_metrics::CapturedMetrics;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use sqlx::{PgPool, Postgres, Transaction};
 use txbox::outbox::KeyOrder;
 use txbox::{Migrator, Outbox, OutboxEvent, Schema};
+use txbox_testkit::xid::sqlstate;
 use txbox_testkit::TestDb;
 
 fn commit_order() -> Outbox {
@@ -32,24 +33,9 @@ async fn setup(db: &TestDb) {
     .unwrap();
 }
 
-/// Begins a transaction and makes a first write unrelated to the outbox,
-/// which gives it its transaction id; returns the transaction and the id.
+/// [`txbox_testkit::xid::begin_writing`] into this test's `noise` table.
 async fn begin_writing(pool: &PgPool) -> (Transaction<'static, Postgres>, u64) {
-    let mut tx = pool.begin().await.unwrap();
-    let xid: String = sqlx::query_scalar(
-        "WITH w AS (INSERT INTO noise DEFAULT VALUES) SELECT pg_current_xact_id()::text",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    (tx, xid.parse().unwrap())
-}
-
-fn sqlstate(e: &txbox::Error) -> Option<String> {
-    match e {
-        txbox::Error::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
+    txbox_testkit::xid::begin_writing(pool, "noise").await
 }
 
 async fn heads(pool: &PgPool) -> Vec<(String, Vec<u8>, String)> {
