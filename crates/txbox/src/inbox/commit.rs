@@ -431,14 +431,7 @@ async fn try_dead_letter(
     // An id with a NUL cannot be stored (nor deduplicated): a replay of the
     // message is dead-lettered again.
     if !m.event_id.contains('\0') {
-        sqlx::query(&ctx.sql.insert_processed)
-            .bind(ctx.group)
-            .bind([m.event_id.as_str()].as_slice())
-            .bind(&*pos.topic)
-            .bind(pos.partition)
-            .bind([m.offset].as_slice())
-            .execute(&mut *tx)
-            .await?;
+        record_processed(&mut tx, ctx.sql, ctx.group, m).await?;
     }
     let rows = sqlx::query(&ctx.sql.dead_letter)
         .bind(ctx.group)
@@ -469,6 +462,26 @@ async fn try_dead_letter(
         applied: 0,
         duplicates: 0,
     })
+}
+
+/// Records one message's event id as processed for `group` (an id seen
+/// before is left as it is): dead-lettered or replayed, the message is not
+/// applied again when it is delivered again.
+pub(crate) async fn record_processed(
+    conn: &mut sqlx::PgConnection,
+    sql: &Statements,
+    group: &str,
+    m: &InboxMessage,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&sql.insert_processed)
+        .bind(group)
+        .bind([m.event_id.as_str()].as_slice())
+        .bind(&*m.topic)
+        .bind(m.partition)
+        .bind([m.offset].as_slice())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// `s` as PostgreSQL `text` can hold it: each NUL replaced by U+FFFD.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
-use super::commit::run_handler;
+use super::commit::{record_processed, run_handler};
 use super::shared::Shared;
 use super::InboxMessage;
 use crate::headers::Headers;
@@ -113,14 +113,7 @@ async fn replay_one(shared: &Shared, topics: &[String]) -> Result<bool, sqlx::Er
         }
         return Ok(true);
     }
-    sqlx::query(&sql.insert_processed)
-        .bind(&shared.group)
-        .bind([chunk[0].event_id.as_str()].as_slice())
-        .bind(&*chunk[0].topic)
-        .bind(chunk[0].partition)
-        .bind([chunk[0].offset].as_slice())
-        .execute(&mut *tx)
-        .await?;
+    record_processed(&mut tx, sql, &shared.group, &chunk[0]).await?;
     let deleted = sqlx::query(&sql.replay_done)
         .bind(id)
         .execute(&mut *tx)
