@@ -115,6 +115,27 @@ async fn dead_letters(db: &TestDb) -> Vec<(i64, String, String)> {
     .unwrap()
 }
 
+/// Stages the batch, relays it in `mode` with `OnReject::DeadLetter` until
+/// drained, and checks that the oversized row, and only it, was
+/// dead-lettered. Returns the database (kept for the test's life), what
+/// was staged and the dead letters.
+async fn dead_letter_run(mode: Mode) -> (TestDb, Staged, Vec<(i64, String, String)>) {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let staged = stage_batch(&db).await;
+    let relay = Relay::start(relay_config(&db, mode, OnReject::DeadLetter).await);
+    drained(db.pool(), Duration::from_secs(60)).await;
+    let report = relay.stop().await;
+    let dead = dead_letters(&db).await;
+    assert_eq!(
+        dead.iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![staged.big_outbox_id],
+        "only the oversized row is dead-lettered: {dead:?}"
+    );
+    assert_eq!(report.dead_lettered(), 1);
+    (db, staged, dead)
+}
+
 /// The partition each key was published to.
 fn partitions(seen: &[Consumed]) -> HashMap<String, i32> {
     seen.iter()
@@ -143,23 +164,9 @@ fn seen_by_key(seen: &[Consumed]) -> BTreeMap<String, Vec<String>> {
 /// re-sent suffix in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_dead_letters_only_the_refused_row_and_resends_the_acknowledged_rest() {
-    txbox_testkit::init_tracing();
-    let db = TestDb::new().await;
-    let staged = stage_batch(&db).await;
-    let cfg = relay_config(&db, Mode::AtLeastOnce, OnReject::DeadLetter).await;
-    let relay = Relay::start(cfg);
-    drained(db.pool(), Duration::from_secs(60)).await;
-    let report = relay.stop().await;
-
-    let dead = dead_letters(&db).await;
-    assert_eq!(
-        dead.iter().map(|d| d.0).collect::<Vec<_>>(),
-        vec![staged.big_outbox_id],
-        "only the oversized row is dead-lettered: {dead:?}"
-    );
+    let (_db, staged, dead) = dead_letter_run(Mode::AtLeastOnce).await;
     assert_eq!(dead[0].1, staged.big_id);
     assert!(dead[0].2.contains("MessageSizeTooLarge"), "{dead:?}");
-    assert_eq!(report.dead_lettered(), 1);
 
     let seen = consume(kafka().await.bootstrap(), &staged.topic, ROWS - 1, false).await;
     let t = tally(&seen, &staged.ids());
@@ -267,20 +274,7 @@ async fn at_least_once_stops_on_the_refused_row_and_names_it() {
 /// order, and the big row is the only dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_dead_letters_only_the_refused_row() {
-    txbox_testkit::init_tracing();
-    let db = TestDb::new().await;
-    let staged = stage_batch(&db).await;
-    let cfg = relay_config(&db, Mode::ExactlyOnce, OnReject::DeadLetter).await;
-    let relay = Relay::start(cfg);
-    drained(db.pool(), Duration::from_secs(60)).await;
-    let report = relay.stop().await;
-    let dead = dead_letters(&db).await;
-    assert_eq!(
-        dead.iter().map(|d| d.0).collect::<Vec<_>>(),
-        vec![staged.big_outbox_id],
-        "only the oversized row is dead-lettered: {dead:?}"
-    );
-    assert_eq!(report.dead_lettered(), 1);
+    let (_db, staged, _) = dead_letter_run(Mode::ExactlyOnce).await;
     let seen = consume(kafka().await.bootstrap(), &staged.topic, ROWS - 1, true).await;
     let t = tally(&seen, &staged.ids());
     assert_eq!(
