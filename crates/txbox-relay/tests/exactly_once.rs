@@ -142,13 +142,7 @@ async fn assert_exactly_once_in_order(s: &Setup) {
 }
 
 async fn stop(mut relay: Child) {
-    relay.terminate();
-    assert_eq!(
-        relay.wait_within(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.stderr()
-    );
+    relay.stop().await;
 }
 
 /// Kills the relay at `point` on its third pass, restarts it, and checks

@@ -113,9 +113,7 @@ async fn the_binary_serves_what_it_published_to_prometheus() {
         "holding its lease, with PostgreSQL and Kafka answering"
     );
     assert_eq!(get(&addr, "/nothing").await.map(|a| a.0), Some(404));
-    relay.terminate();
-    let code = relay.wait_within(Duration::from_secs(30)).await;
-    assert_eq!(code, Some(0), "{}", relay.stderr());
+    relay.stop().await;
     assert!(
         !relay.stderr_contains("prune failed"),
         "the pruner stops before the pool closes:\n{}",
@@ -143,13 +141,7 @@ async fn the_relay_is_not_ready_while_kafka_does_not_answer() {
     );
     assert!(!body.contains("postgres: "), "PostgreSQL answers: {body}");
     assert_eq!(get(&addr, "/health").await.map(|a| a.0), Some(200));
-    relay.terminate();
-    assert_eq!(
-        relay.wait_within(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.stderr()
-    );
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

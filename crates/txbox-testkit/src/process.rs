@@ -127,6 +127,22 @@ impl Child {
         self.signal("TERM");
     }
 
+    /// SIGTERM, then waits up to 30 s for a clean exit.
+    ///
+    /// # Panics
+    /// If it is still running then, or exits with anything but code 0
+    /// (with its stderr).
+    pub async fn stop(&mut self) {
+        self.terminate();
+        let code = self.wait_within(Duration::from_secs(30)).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "a clean exit on SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// SIGSTOP: freezes the process (a stand-in for a long GC pause or a
     /// descheduled VM): no heartbeats, no progress, connections stay open.
     pub fn freeze(&self) {
