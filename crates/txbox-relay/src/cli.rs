@@ -97,6 +97,11 @@ pub struct Cli {
     /// per line [default: text].
     #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: crate::logging::LogFormat,
+    /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its
+    /// base URL; `/v1/traces` is appended) [default: no export].
+    #[cfg(feature = "otlp")]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Cli {
@@ -168,6 +173,13 @@ where
         }
         Err(e) => return Err(anyhow::anyhow!("{e}")),
     };
+    #[cfg(feature = "otlp")]
+    let _otlp = crate::logging::init_with_otlp(
+        cli.log_format,
+        "txbox-relay",
+        cli.otlp_endpoint.as_deref(),
+    )?;
+    #[cfg(not(feature = "otlp"))]
     crate::logging::init(cli.log_format);
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

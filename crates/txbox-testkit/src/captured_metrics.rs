@@ -1,5 +1,6 @@
-//! Counters a test process recorded through the `metrics` facade, for
-//! asserting what the inbox (or any library in the process) counted.
+//! Counters and histograms a test process recorded through the `metrics`
+//! facade, for asserting what the inbox (or any library in the process)
+//! counted and measured.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,11 +12,24 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 ///
 /// It is global: it counts what every test of the process records, so a
 /// test that asserts a count should be alone in its test binary (or
-/// compare counts taken before and after). Gauges and histograms are
-/// discarded.
+/// compare counts taken before and after). Gauges are discarded.
 #[derive(Debug, Default)]
 pub struct CapturedMetrics {
     counters: Mutex<HashMap<Key, Arc<AtomicU64>>>,
+    histograms: Mutex<HashMap<Key, Arc<Samples>>>,
+}
+
+/// A histogram's recorded values.
+#[derive(Debug, Default)]
+struct Samples(Mutex<Vec<f64>>);
+
+impl metrics::HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(value);
+    }
 }
 
 static CAPTURED: OnceLock<&'static CapturedMetrics> = OnceLock::new();
@@ -46,6 +60,18 @@ impl CapturedMetrics {
             .sum()
     }
 
+    /// Every value recorded into the histogram `name`, over all its label
+    /// sets (empty if none was).
+    pub fn histogram(&self, name: &str) -> Vec<f64> {
+        self.histograms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(k, _)| k.name() == name)
+            .flat_map(|(_, s)| s.0.lock().unwrap_or_else(PoisonError::into_inner).clone())
+            .collect()
+    }
+
     fn counters(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<AtomicU64>>> {
         self.counters.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -65,7 +91,14 @@ impl Recorder for CapturedMetrics {
         Gauge::noop()
     }
 
-    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::noop()
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        let samples = self
+            .histograms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        Histogram::from_arc(samples)
     }
 }

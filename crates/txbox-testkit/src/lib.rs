@@ -15,7 +15,8 @@
 //! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach
 //!   the server and loses its reply.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
-//!   counters.
+//!   counters and histograms.
+//! - [`CapturedSpans`]: the process's `tracing` spans and their fields.
 //!
 //! Environment: `TXBOX_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `KAFKA_BOOTSTRAP` (a
@@ -23,6 +24,7 @@
 
 mod broker;
 mod captured_metrics;
+mod captured_spans;
 mod db;
 pub mod kafka;
 mod kafka_server;
@@ -35,6 +37,7 @@ pub mod xid;
 
 pub use broker::{kafka, Broker};
 pub use captured_metrics::CapturedMetrics;
+pub use captured_spans::{CapturedSpan, CapturedSpans};
 pub use db::{admin_url, TestDb};
 pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;

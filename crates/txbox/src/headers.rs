@@ -48,8 +48,13 @@ impl Headers {
 
     /// Replaces every header named `key` with one of this value.
     pub fn set(&mut self, key: &str, value: impl Into<Vec<u8>>) {
-        self.0.retain(|(k, _)| k != key);
+        self.remove(key);
         self.insert(key, value);
+    }
+
+    /// Removes every header named `key`.
+    pub fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
     }
 
     /// The last value of a header, if present and not null.

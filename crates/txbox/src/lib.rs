@@ -63,6 +63,7 @@
 //! | Name | Description | Default |
 //! |---|---|---|
 //! | `failpoints` | Named crash points for fault-injection tests. Never in production. | no |
+//! | `opentelemetry` | The inbox's message spans join the consumed message's trace as OpenTelemetry children, and staged events name them as parents (see [`trace`]). |  no |
 //! | `http` | [`http::Endpoint`]: Prometheus metrics, `/health` and `/ready` on one address. | no |
 
 #![warn(missing_docs, unreachable_pub)]
@@ -82,6 +83,7 @@ pub mod instance;
 pub mod kafka;
 pub mod outbox;
 pub mod schema;
+pub mod trace;
 
 pub use error::{BoxError, Error, MigrateError, Result};
 pub use headers::Headers;

@@ -9,12 +9,14 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use sqlx::{PgPool, Row};
+use tracing::Instrument as _;
 
 use super::handler::{BatchHandler, Handler, HandlerError, Tx};
 use super::message::panic_message;
 use super::sql::Statements;
 use super::InboxMessage;
 use crate::headers::Headers;
+use crate::trace::TraceContext;
 
 /// How a partition's messages are applied.
 #[derive(Clone)]
@@ -62,6 +64,20 @@ pub(crate) enum Attempt {
     /// discarded it); rolled back, nothing was committed. Retrying would do
     /// the same.
     Unwritten { what: &'static str, rows: u64 },
+}
+
+impl Attempt {
+    /// A short name of the outcome, for spans.
+    pub(crate) fn outcome(&self) -> &'static str {
+        match self {
+            Attempt::Committed { .. } => "committed",
+            Attempt::Resync { .. } => "resync",
+            Attempt::Fenced => "fenced",
+            Attempt::HandlerFailed { .. } => "handler_failed",
+            Attempt::Db(_) => "database_error",
+            Attempt::Unwritten { .. } => "unwritten",
+        }
+    }
 }
 
 impl From<sqlx::Error> for Attempt {
@@ -188,7 +204,7 @@ async fn try_apply(
     };
 
     if !run.is_empty() {
-        if let Err((index, error)) = run_handler(&mut tx, route, chunk, &run).await {
+        if let Err((index, error)) = run_handler(&mut tx, ctx.group, route, chunk, &run).await {
             return Err(Attempt::HandlerFailed { index, error });
         }
     }
@@ -292,6 +308,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 pub(crate) async fn run_handler(
     tx: &mut Tx,
+    group: &str,
     route: &Route,
     chunk: &[InboxMessage],
     run: &[usize],
@@ -301,12 +318,10 @@ pub(crate) async fn run_handler(
     match route {
         Route::Each(h) => {
             for &i in run {
-                match AssertUnwindSafe(h.handle(tx, &chunk[i]))
-                    .catch_unwind()
-                    .await
-                {
+                let msg = &chunk[i];
+                match in_message_scope(group, msg, AssertUnwindSafe(h.handle(tx, msg))).await {
                     Ok(result) => result.map_err(|e| (Some(i), e))?,
-                    Err(panic) => return Err((Some(i), panicked(&chunk[i], panic.as_ref()))),
+                    Err(panic) => return Err((Some(i), panicked(msg, panic.as_ref()))),
                 }
             }
             Ok(())
@@ -317,10 +332,15 @@ pub(crate) async fn run_handler(
             } else {
                 Cow::Owned(run.iter().map(|&i| chunk[i].clone()).collect())
             };
-            match AssertUnwindSafe(h.handle_batch(tx, &msgs))
-                .catch_unwind()
-                .await
-            {
+            let handled = AssertUnwindSafe(h.handle_batch(tx, &msgs));
+            // A batch of one is that message's handling; a larger batch
+            // has no single trace: the handler picks per message
+            // (`TraceContext::scope`).
+            let outcome = match &*msgs {
+                [one] => in_message_scope(group, one, handled).await,
+                _ => handled.catch_unwind().await,
+            };
+            match outcome {
                 Ok(result) => {
                     result.map_err(|e| (e.index.and_then(|j| run.get(j).copied()), e.error))
                 }
@@ -333,6 +353,29 @@ pub(crate) async fn run_handler(
             }
         }
     }
+}
+
+/// Runs a handler's future for `msg` inside its `txbox.inbox.message` span,
+/// with the message's trace as the current [`TraceContext`], catching a
+/// panic.
+async fn in_message_scope<F: std::future::Future + std::panic::UnwindSafe>(
+    group: &str,
+    msg: &InboxMessage,
+    handled: F,
+) -> std::thread::Result<F::Output> {
+    let cx = msg.trace_context();
+    let span = tracing::info_span!("txbox.inbox.message", group, topic = %msg.topic,
+        partition = msg.partition, offset = msg.offset, event_id = %msg.event_id,
+        trace_id = tracing::field::Empty);
+    if let Some(cx) = &cx {
+        // Before anything enters the span: its parent is fixed then.
+        #[cfg(feature = "opentelemetry")]
+        crate::trace::set_parent(&span, cx);
+        span.record("trace_id", cx.trace_id());
+    }
+    TraceContext::scope(cx, handled.catch_unwind())
+        .instrument(span)
+        .await
 }
 
 /// A handler panicked (on a batch starting at `first`): counted, logged,

@@ -126,6 +126,11 @@ impl InboxMessage {
     pub fn headers(&self) -> &Headers {
         &self.headers
     }
+    /// The W3C trace context of the message's `traceparent` and
+    /// `tracestate` headers, if it has a valid one (see [`crate::trace`]).
+    pub fn trace_context(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::TraceContext::from_headers(&self.headers)
+    }
     /// The record timestamp, when the broker gave one.
     pub fn timestamp(&self) -> Option<DateTime<Utc>> {
         self.timestamp

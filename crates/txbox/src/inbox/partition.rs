@@ -10,6 +10,7 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::commit::{self, sqlstate_is, Attempt, Ctx, Dedupe, Failure, Position, Route};
 use super::config::FailureAction;
@@ -64,6 +65,7 @@ impl PartitionWorker {
             let Some(batch) = self.next_batch().await else {
                 break Stop::Cancelled;
             };
+            self.count_skipped(&batch);
             if let Err(stop) = self.follow_rewind(&batch).await {
                 break stop;
             }
@@ -173,6 +175,30 @@ impl PartitionWorker {
         Some(batch)
     }
 
+    /// Counts the offsets Kafka delivered no record for, between the last
+    /// message taken (or the stored position) and each message of `batch`.
+    /// Kafka leaves such gaps on purpose (transaction markers, aborted
+    /// records, compaction, retention), so they are no error; the counter
+    /// and a debug line naming the range let an operator see a broker
+    /// skipping data.
+    fn count_skipped(&self, batch: &[InboxMessage]) {
+        let mut expected = self
+            .last_taken
+            .map_or(self.pos.next_offset, |last| last + 1);
+        for m in batch {
+            if m.offset > expected {
+                let skipped = m.offset - expected;
+                metrics::counter!("txbox_inbox_offsets_skipped_total")
+                    .increment(u64::try_from(skipped).unwrap_or(0));
+                tracing::debug!(topic = %self.pos.topic, partition = self.pos.partition,
+                    from = expected, to = m.offset - 1, skipped,
+                    "no records at these offsets (transaction markers, aborted records, \
+                     compaction or retention)");
+            }
+            expected = expected.max(m.offset + 1);
+        }
+    }
+
     /// Kafka delivers a partition in offset order from where it was
     /// assigned; it only goes back when the position was out of range, i.e.
     /// the log was deleted and recreated (or truncated), and
@@ -256,11 +282,23 @@ impl PartitionWorker {
             let Some(last) = chunk.last().map(InboxMessage::offset) else {
                 return Ok(Outcome::Done);
             };
-            match commit::apply(self.ctx(), &self.route, &self.pos, chunk, self.dedupe).await {
+            let span = tracing::info_span!("txbox.inbox.batch", group = %self.shared.group,
+                topic = %self.pos.topic, partition = self.pos.partition,
+                first_offset = chunk.first().map_or(last, InboxMessage::offset),
+                last_offset = last, messages = chunk.len(), outcome = tracing::field::Empty);
+            let started = Instant::now();
+            let attempt = commit::apply(self.ctx(), &self.route, &self.pos, chunk, self.dedupe)
+                .instrument(span.clone())
+                .await;
+            span.record("outcome", attempt.outcome());
+            match attempt {
                 Attempt::Committed {
                     applied,
                     duplicates,
                 } => {
+                    metrics::histogram!("txbox_inbox_transaction_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("txbox_inbox_batch_size").record(chunk.len() as f64);
                     self.advance_to(last + 1);
                     self.dedupe = if duplicates > 0 {
                         Dedupe::Checked

@@ -100,7 +100,7 @@ async fn replay_one(shared: &Shared, topics: &[String]) -> Result<bool, sqlx::Er
         .execute(&mut *tx)
         .await?;
     let chunk = [msg];
-    let failure = match run_handler(&mut tx, route, &chunk, &[0]).await {
+    let failure = match run_handler(&mut tx, &shared.group, route, &chunk, &[0]).await {
         Ok(()) => None,
         Err((_, error)) => Some(error),
     };

@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::headers::Headers;
+use crate::trace::{TraceContext, TRACEPARENT};
 
 /// An event to publish to Kafka once its transaction commits.
 ///
@@ -145,8 +146,15 @@ impl OutboxEvent {
     /// The headers stored with the row: the caller's, plus CloudEvents
     /// `ce_type`, `ce_source` and `content-type` where known. The relay adds
     /// `ce_id` (the event id column) and `ce_specversion` when publishing.
-    pub(crate) fn stored_headers(&self) -> Headers {
+    /// The headers as stored: the event's own, its CloudEvents
+    /// attributes, and `trace` unless the event sets `traceparent` itself.
+    pub(crate) fn stored_headers(&self, trace: Option<&TraceContext>) -> Headers {
         let mut h = self.headers.clone();
+        if let Some(cx) = trace {
+            if h.get(TRACEPARENT).is_none() {
+                cx.write_to(&mut h);
+            }
+        }
         if let Some(t) = &self.event_type {
             h.set("ce_type", t.as_bytes());
         }

@@ -6,6 +6,7 @@ use uuid::Uuid;
 use super::{stream_for_key, KeyOrder, OutboxEvent};
 use crate::error::{Error, Result};
 use crate::schema::Schema;
+use crate::trace::TraceContext;
 
 /// Stages events into the outbox of one txbox schema.
 ///
@@ -176,6 +177,7 @@ impl Outbox {
         let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
         let mut headers = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
+        let trace = TraceContext::current();
         for e in events {
             e.validate()?;
             // Keyless events carry no order; spread them by event id.
@@ -184,7 +186,7 @@ impl Outbox {
                 self.streams,
             );
             streams.push(stream);
-            headers.push(e.stored_headers().to_json());
+            headers.push(e.stored_headers(trace.as_ref()).to_json());
             ids.push(e.event_id);
             topics.push(e.topic);
             keys.push(e.key);
