@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build of the txbox binaries: txbox (CLI), txbox-relay and
-# payments-example. Used by docker-compose.yml.
+# Multi-stage build of the txbox binaries: txbox (CLI), txbox-relay and the
+# example's two services, payments-example and ledger-example. Used by
+# docker-compose.yml.
 
 FROM rust:1-bookworm AS builder
 # rdkafka builds librdkafka with make/gcc (already in the image); it needs
@@ -19,7 +20,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p txbox-cli -p txbox-relay -p payments-example \
  && mkdir -p /out \
- && cp target/release/txbox target/release/txbox-relay target/release/payments-example /out/
+ && cp target/release/txbox target/release/txbox-relay target/release/payments-example \
+       target/release/ledger-example /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
