@@ -8,7 +8,7 @@ use std::time::Duration;
 use txbox::inbox::Inbox;
 use txbox::{Outbox, Schema};
 use txbox_testkit::{kafka, unique_name, TestDb};
-use txbox_tests::{bank_inbox, consumed, wait_consumed, Bank, BatchBank, RunningInbox};
+use txbox_tests::{bank_inbox, consumed, totals, wait_consumed, Bank, BatchBank, RunningInbox};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_applied_once_and_offsets_live_in_postgres() {
@@ -102,6 +102,9 @@ async fn replays_change_nothing() {
         .unwrap();
     assert_eq!(before, after, "business state unchanged by both replays");
     Bank::assert_exactly_once(db.pool(), &deposits).await;
+    // The totals survive the restart: 200 applied once, then the 400
+    // records of the rewound log all dropped as duplicates.
+    assert_eq!(totals(db.pool(), &group).await, (200, 400, 0));
 }
 
 /// The inbox inserts a batch's event ids with a plain INSERT while it sees no

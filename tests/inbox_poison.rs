@@ -454,6 +454,7 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_partition_goe
         "{error}"
     );
     Bank::assert_exactly_once(db.pool(), &good).await;
+    assert_eq!(txbox_tests::totals(db.pool(), &group).await, (6, 0, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

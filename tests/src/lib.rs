@@ -319,6 +319,20 @@ pub async fn consumed(pool: &PgPool, group: &str) -> i64 {
     .expect("inbox offsets")
 }
 
+/// `group`'s running totals over its partitions, as stored with the
+/// effects: (applied, duplicates, dead-lettered).
+pub async fn totals(pool: &PgPool, group: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT COALESCE(sum(applied), 0)::bigint, COALESCE(sum(duplicates), 0)::bigint,
+                COALESCE(sum(dead_lettered), 0)::bigint
+           FROM txbox.inbox_offsets WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .expect("inbox totals")
+}
+
 /// Rows in the inbox's dead-letter table (all groups).
 pub async fn dead_letters(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters")

@@ -219,7 +219,8 @@ async fn txbox_txn(
         })?;
     let new_offset = *next_offset + batch as i64;
     sqlx::query(
-        "UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now()
+        "UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now(),
+                applied = applied + $7, duplicates = duplicates + $8, dead_lettered = dead_lettered + $9
          WHERE consumer_group = $2 AND topic = $3 AND partition = $4 AND epoch = $5 AND next_offset = $6",
     )
     .bind(new_offset)
@@ -228,6 +229,9 @@ async fn txbox_txn(
     .bind(part)
     .bind(1i64)
     .bind(*next_offset)
+    .bind(batch as i64)
+    .bind(0i64)
+    .bind(0i64)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

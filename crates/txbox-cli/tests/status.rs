@@ -61,8 +61,9 @@ async fn status_reports_lag_backlog_dead_letters_and_exits_2() {
     kafka::produce(broker.bootstrap(), &topic, records).await;
     wait_log_ends(broker.bootstrap(), &topic, &[10]).await;
     sqlx::query(
-        "INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset, epoch)
-         VALUES ('ledger', $1, 0, 4, 1)",
+        "INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset, epoch,
+                                          applied, duplicates, dead_lettered)
+         VALUES ('ledger', $1, 0, 4, 1, 3, 7, 1)",
     )
     .bind(&topic)
     .execute(db.pool())
@@ -109,6 +110,15 @@ async fn status_reports_lag_backlog_dead_letters_and_exits_2() {
     assert_eq!(inbox["next_offset"], 4);
     assert_eq!(inbox["log_end"], 10);
     assert_eq!(inbox["lag"], 6, "{doc:#}");
+    assert_eq!(
+        (
+            &inbox["applied"],
+            &inbox["duplicates"],
+            &inbox["dead_lettered"]
+        ),
+        (&3.into(), &7.into(), &1.into()),
+        "totals as stored"
+    );
     assert!(inbox["owner"].is_null());
     let lag_s = inbox["lag_seconds"].as_f64().expect("lag in seconds");
     assert!(

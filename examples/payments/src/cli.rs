@@ -27,6 +27,11 @@ pub struct Common {
     /// one object per line.
     #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its
+    /// base URL; `/v1/traces` is appended). Built with `--features otlp`.
+    #[cfg(feature = "otlp")]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Common {
@@ -47,8 +52,34 @@ impl Common {
             })
     }
 
-    /// Installs the log subscriber (stderr, `RUST_LOG`, default `info`).
-    pub fn init_logging(&self) {
-        txbox_relay::logging::init(self.log_format);
+    /// Installs the log subscriber (stderr, `RUST_LOG`, default `info`)
+    /// and, built with the `otlp` feature and given `--otlp-endpoint`, the
+    /// span export as `service`. Keep what it returns until the process
+    /// ends: dropping it flushes the spans not yet sent.
+    pub fn init_logging(&self, service: &str) -> Result<Telemetry> {
+        #[cfg(feature = "otlp")]
+        {
+            txbox_relay::logging::init_with_otlp(
+                self.log_format,
+                service,
+                self.otlp_endpoint.as_deref(),
+            )
+            .map(|guard| Telemetry { _guard: guard })
+            .map_err(|e| Error::Config(e.to_string()))
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            let _ = service;
+            txbox_relay::logging::init(self.log_format);
+            Ok(Telemetry {})
+        }
     }
+}
+
+/// The span export's guard (nothing without the `otlp` feature).
+#[derive(Debug)]
+#[must_use = "dropping it stops the span export"]
+pub struct Telemetry {
+    #[cfg(feature = "otlp")]
+    _guard: Option<txbox::trace::otlp::OtlpGuard>,
 }

@@ -124,7 +124,7 @@ impl Handler for Payments {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
-    opt.common.init_logging();
+    let _telemetry = opt.common.init_logging("payments")?;
     let brokers = opt.common.brokers()?;
     let requested = opt.common.topic(REQUESTED);
     let settled = opt.common.topic(SETTLED);

@@ -24,6 +24,12 @@ pub(crate) struct InboxPartition {
     pub(crate) owner: Option<String>,
     pub(crate) epoch: i64,
     pub(crate) updated_at: DateTime<Utc>,
+    /// Messages applied, dropped as duplicates and dead-lettered on this
+    /// partition, ever (committed with the effects, so they survive
+    /// restarts).
+    pub(crate) applied: i64,
+    pub(crate) duplicates: i64,
+    pub(crate) dead_lettered: i64,
     /// The brokers' high watermark (`None`: no brokers given, or unreadable).
     pub(crate) log_end: Option<i64>,
     /// Messages between the stored position and the log end.
@@ -41,7 +47,20 @@ pub(crate) struct GroupDeadLetters {
     pub(crate) count: i64,
 }
 
-type OffsetRow = (String, String, i32, i64, Option<String>, i64, DateTime<Utc>);
+/// A stored position as read.
+#[derive(sqlx::FromRow)]
+struct OffsetRow {
+    consumer_group: String,
+    topic: String,
+    partition: i32,
+    next_offset: i64,
+    owner: Option<String>,
+    epoch: i64,
+    updated_at: DateTime<Utc>,
+    applied: i64,
+    duplicates: i64,
+    dead_lettered: i64,
+}
 
 /// Every stored position, with the log end and lag when `log` is given.
 pub(crate) async fn partitions(
@@ -50,7 +69,8 @@ pub(crate) async fn partitions(
     log: Option<Log>,
 ) -> anyhow::Result<Vec<InboxPartition>> {
     let rows: Vec<OffsetRow> = sqlx::query_as(&format!(
-        "SELECT consumer_group, topic, partition, next_offset, owner, epoch, updated_at
+        "SELECT consumer_group, topic, partition, next_offset, owner, epoch, updated_at,
+                applied, duplicates, dead_lettered
            FROM {} ORDER BY consumer_group, topic, partition",
         schema.table("inbox_offsets")
     ))
@@ -58,21 +78,22 @@ pub(crate) async fn partitions(
     .await?;
     let mut out: Vec<InboxPartition> = rows
         .into_iter()
-        .map(
-            |(group, topic, partition, next_offset, owner, epoch, updated_at)| InboxPartition {
-                group,
-                topic,
-                partition,
-                next_offset,
-                owner,
-                epoch,
-                updated_at,
-                log_end: None,
-                lag: None,
-                lag_seconds: None,
-                log_error: None,
-            },
-        )
+        .map(|r| InboxPartition {
+            group: r.consumer_group,
+            topic: r.topic,
+            partition: r.partition,
+            next_offset: r.next_offset,
+            owner: r.owner,
+            epoch: r.epoch,
+            updated_at: r.updated_at,
+            applied: r.applied,
+            duplicates: r.duplicates,
+            dead_lettered: r.dead_lettered,
+            log_end: None,
+            lag: None,
+            lag_seconds: None,
+            log_error: None,
+        })
         .collect();
     let Some(log) = log else {
         return Ok(out);

@@ -13,10 +13,12 @@ fn secs(v: Option<f64>) -> String {
 /// Prints `report` as tables, then the reasons (or that all is well).
 pub(crate) fn print(report: &Report) {
     println!("inbox partitions");
-    println!("group\ttopic\tpart\tnext_offset\tlog_end\tlag\tlag_s\towner\tepoch");
+    println!(
+        "group\ttopic\tpart\tnext_offset\tlog_end\tlag\tlag_s\towner\tepoch\tapplied\tduplicates\tdead_lettered"
+    );
     for p in &report.inbox {
         println!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             p.group,
             p.topic,
             p.partition,
@@ -25,7 +27,10 @@ pub(crate) fn print(report: &Report) {
             opt(p.lag),
             secs(p.lag_seconds),
             p.owner.as_deref().unwrap_or(""),
-            p.epoch
+            p.epoch,
+            p.applied,
+            p.duplicates,
+            p.dead_lettered
         );
     }
     if !report.brokers {

@@ -212,7 +212,12 @@ async fn try_apply(
 
     // Which message is at fault is known only when one ran.
     let culprit = (run.len() == 1).then(|| run[0]);
-    match fenced_advance(&mut tx, ctx, pos, last.offset + 1).await {
+    let counts = Counts {
+        applied: run.len(),
+        duplicates: chunk.len() - run.len(),
+        dead_lettered: 0,
+    };
+    match fenced_advance(&mut tx, ctx, pos, last.offset + 1, counts).await {
         // The handler returned Ok with the transaction aborted: it dropped
         // a database error. Nothing of it can commit; retrying is up to the
         // policy's attempts (the error may have been transient).
@@ -389,15 +394,26 @@ fn panicked(first: &InboxMessage, panic: &(dyn std::any::Any + Send)) -> Handler
     HandlerError::retryable(format!("the handler panicked: {message}"))
 }
 
+/// What a transaction did with the messages it moves the position past,
+/// added to the partition's running totals in the same row.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    applied: usize,
+    duplicates: usize,
+    dead_lettered: usize,
+}
+
 /// Advances the partition to `next` if this consumer's epoch and expected
-/// offset still hold (the fence). Otherwise says why, as the attempt's
-/// outcome: fenced, or our offset is stale.
+/// offset still hold (the fence), adding `counts` to its totals. Otherwise
+/// says why, as the attempt's outcome: fenced, or our offset is stale.
 async fn fenced_advance(
     tx: &mut Tx,
     ctx: Ctx<'_>,
     pos: &Position,
     next: i64,
+    counts: Counts,
 ) -> Result<(), Attempt> {
+    let total = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     let advanced = sqlx::query(&ctx.sql.advance)
         .bind(next)
         .bind(ctx.group)
@@ -405,6 +421,9 @@ async fn fenced_advance(
         .bind(pos.partition)
         .bind(pos.epoch)
         .bind(pos.next_offset)
+        .bind(total(counts.applied))
+        .bind(total(counts.duplicates))
+        .bind(total(counts.dead_lettered))
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -433,7 +452,7 @@ async fn reconcile(tx: &mut Tx, ctx: Ctx<'_>, pos: &Position) -> Result<Attempt,
 pub(crate) async fn reposition(ctx: Ctx<'_>, pos: &Position, to: i64) -> Attempt {
     let attempt = async {
         let mut tx = begin(ctx).await?;
-        fenced_advance(&mut tx, ctx, pos, to).await?;
+        fenced_advance(&mut tx, ctx, pos, to, Counts::default()).await?;
         tx.commit().await?;
         Ok(Attempt::Committed {
             applied: 0,
@@ -499,7 +518,11 @@ async fn try_dead_letter(
             rows,
         });
     }
-    fenced_advance(&mut tx, ctx, pos, m.offset + 1).await?;
+    let counts = Counts {
+        dead_lettered: 1,
+        ..Counts::default()
+    };
+    fenced_advance(&mut tx, ctx, pos, m.offset + 1, counts).await?;
     tx.commit().await?;
     Ok(Attempt::Committed {
         applied: 0,

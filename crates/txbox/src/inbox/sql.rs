@@ -22,7 +22,8 @@ pub(crate) struct Statements {
     /// fails with a unique violation on an id seen before.
     pub insert_new_processed: String,
     /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
-    /// $5 epoch, $6 expected next_offset.
+    /// $5 epoch, $6 expected next_offset; adds $7 applied, $8 duplicates
+    /// and $9 dead-lettered to the partition's totals.
     pub advance: String,
     /// Inserts one dead letter. Plain: nothing about a dead letter is
     /// unique but its id, and the caller checks that one row was written.
@@ -71,7 +72,9 @@ impl Statements {
             ),
             insert_new_processed,
             advance: format!(
-                "UPDATE {offsets} SET next_offset = $1, updated_at = now()
+                "UPDATE {offsets} SET next_offset = $1, updated_at = now(),
+                        applied = applied + $7, duplicates = duplicates + $8,
+                        dead_lettered = dead_lettered + $9
                  WHERE consumer_group = $2 AND topic = $3 AND partition = $4
                    AND epoch = $5 AND next_offset = $6"
             ),

@@ -68,4 +68,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "dead_letter_operations",
         sql: include_str!("../../../../migrations/0009_dead_letter_operations.sql"),
     },
+    Migration {
+        version: 10,
+        name: "inbox_totals",
+        sql: include_str!("../../../../migrations/0010_inbox_totals.sql"),
+    },
 ];

@@ -91,7 +91,7 @@ impl Handler for Ledger {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
-    opt.common.init_logging();
+    let _telemetry = opt.common.init_logging("ledger")?;
     let pool = service::connect(&opt.common.database_url)
         .await
         .context("connecting to the database")?;
