@@ -14,6 +14,8 @@
 //! - [`xid`]: transactions given an id by a first write, for order tests.
 //! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach
 //!   the server and loses its reply.
+//! - [`reference`](mod@reference): the README's configuration tables, and
+//!   the public methods of a type as parsed from its crate's sources.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
 //!   counters and histograms.
 //! - [`CapturedSpans`]: the process's `tracing` spans and their fields.
@@ -32,6 +34,7 @@ mod mock;
 mod pg_proxy;
 pub mod process;
 pub mod proxy;
+pub mod reference;
 mod server;
 pub mod xid;
 

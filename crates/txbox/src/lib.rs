@@ -71,6 +71,8 @@
 #![warn(clippy::unwrap_used)]
 #![doc(test(attr(deny(warnings), allow(dead_code, unused_variables))))]
 
+#[cfg(test)]
+mod config_reference;
 #[doc(hidden)]
 pub mod crash;
 pub mod db;

@@ -553,3 +553,33 @@ impl InboxBuilder {
         })
     }
 }
+
+#[cfg(test)]
+impl Inbox {
+    /// Everything `build` resolved, as comparable text (maps sorted), for
+    /// the configuration reference test. Destructures without `..`, so a
+    /// field added to the inbox fails to compile here until it is shown.
+    pub(crate) fn settings(&self) -> String {
+        let Inbox {
+            shared,
+            schema,
+            kafka,
+            event_ids,
+        } = self;
+        let Shared {
+            pool: _,
+            sql,
+            group,
+            owner,
+            routes,
+            opts,
+            drained: _,
+        } = &**shared;
+        let kafka = kafka.config_map();
+        let routes: std::collections::BTreeMap<_, _> = routes.iter().collect();
+        format!(
+            "schema: {schema:?}\ngroup: {group}\nowner: {owner}\nroutes: {routes:?}\n\
+             kafka: {kafka:#?}\nevent ids: {event_ids:?}\noptions: {opts:#?}\nsql: {sql:#?}"
+        )
+    }
+}
