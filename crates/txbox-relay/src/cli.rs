@@ -94,7 +94,7 @@ pub struct Cli {
     )]
     pub kafka_options: Vec<(String, String)>,
     /// Log lines as text (colours only on a terminal) or json, one object
-    /// per line [default: text].
+    /// per line.
     #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: crate::logging::LogFormat,
     /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its
