@@ -16,6 +16,8 @@
 //!   the server and loses its reply.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
 //!   counters.
+//! - [`CapturedSpans`]: the `tracing` spans the process opened, with their
+//!   fields.
 //!
 //! Environment: `TXBOX_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `KAFKA_BOOTSTRAP` (a
@@ -23,6 +25,7 @@
 
 mod broker;
 mod captured_metrics;
+mod captured_spans;
 mod db;
 pub mod kafka;
 mod kafka_server;
@@ -35,6 +38,7 @@ pub mod xid;
 
 pub use broker::{kafka, Broker};
 pub use captured_metrics::CapturedMetrics;
+pub use captured_spans::{CapturedSpan, CapturedSpans};
 pub use db::{admin_url, TestDb};
 pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;
@@ -65,11 +69,15 @@ pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn,txbox=info,txbox_relay=info".into()),
-            )
+            .with_env_filter(test_log_filter())
             .with_test_writer()
             .try_init();
     });
+}
+
+/// What the test log shows: `RUST_LOG`, by default warnings and txbox's
+/// own information.
+fn test_log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,txbox=info,txbox_relay=info".into())
 }
