@@ -10,15 +10,19 @@ use sqlx::{Connection, PgPool};
 
 use crate::Shape;
 
-/// A scratch database with txbox migrated and the ceiling's tables.
+/// A scratch database with txbox migrated (and, after
+/// [`BenchDb::add_ceiling`], the ceiling's tables), dropped by
+/// [`BenchDb::drop_db`].
 pub(crate) struct BenchDb {
     pub name: String,
     pub pool: PgPool,
+    pub url: String,
     pub options: sqlx::postgres::PgConnectOptions,
     admin_url: String,
 }
 
 impl BenchDb {
+    /// Creates the database on the server of `admin_url` and migrates it.
     pub(crate) async fn create(admin_url: &str) -> anyhow::Result<Self> {
         let name = format!("txbox_bench_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(admin_url).await?;
@@ -37,6 +41,18 @@ impl BenchDb {
         txbox::Migrator::new(txbox::Schema::default())
             .run(&pool)
             .await?;
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        Ok(BenchDb {
+            name,
+            pool,
+            url,
+            options,
+            admin_url: admin_url.to_owned(),
+        })
+    }
+
+    /// Adds the tables of the ceiling runs and the inbox's handler.
+    pub(crate) async fn add_ceiling(&self) -> anyhow::Result<()> {
         // The pg-ceiling schema, in its own schema; `account` is shared with
         // the inbox's handler.
         sqlx::raw_sql(
@@ -53,15 +69,9 @@ impl BenchDb {
              INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset)
                SELECT 'ceiling', 't', p, 0 FROM generate_series(0, 15) p;",
         )
-        .execute(&pool)
+        .execute(&self.pool)
         .await?;
-        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
-        Ok(BenchDb {
-            name,
-            pool,
-            options,
-            admin_url: admin_url.to_owned(),
-        })
+        Ok(())
     }
 
     pub(crate) async fn drop_db(self) -> anyhow::Result<()> {

@@ -4,7 +4,13 @@
 //! ```text
 //! txbox-bench inbox [--messages N] [--seconds S] [--rounds R] [--shape BATCHxPARTITIONS]...
 //!                   [--key-order first-write|commit]
+//! txbox-bench relay [--mode exactly-once|at-least-once] [--events N] [--batch-size B] ...
 //! ```
+//!
+//! `relay`: the relay draining a pre-filled outbox against plain Kafka
+//! producers, and its latency at a steady rate (see the `relay` module).
+//!
+//! `inbox`:
 //!
 //! For each scenario (per-message transactions on one partition; batches of
 //! 100 on one partition; batches of 100 on four partitions) it runs:
@@ -30,11 +36,14 @@
 //! median line gives the medians of the rounds' figures and ratios.
 //!
 //! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
-//! `TXBOX_KAFKA_BOOTSTRAP` (Apache Kafka; `scripts/dev-up` starts one).
+//! `TXBOX_KAFKA_BOOTSTRAP` (or `--bootstrap`; Apache Kafka, `scripts/dev-up`
+//! starts one), given before or after the subcommand. Figures go to
+//! stdout, logs (`RUST_LOG`, default `warn`) to stderr.
 
 mod ceiling;
 mod inbox;
 mod pgbench;
+mod relay;
 
 use clap::{Parser, Subcommand};
 
@@ -44,13 +53,14 @@ struct Opt {
     /// Server to create the benchmark database on.
     #[arg(
         long,
+        global = true,
         env = "TXBOX_TEST_DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "TXBOX_KAFKA_BOOTSTRAP")]
-    bootstrap: String,
+    /// Kafka bootstrap servers (required).
+    #[arg(long, global = true, env = "TXBOX_KAFKA_BOOTSTRAP")]
+    bootstrap: Option<String>,
     #[command(subcommand)]
     what: What,
 }
@@ -79,6 +89,9 @@ enum What {
         #[arg(long, value_enum, default_value_t = Order::FirstWrite)]
         key_order: Order,
     },
+    /// The relay against plain transactional and idempotent producers,
+    /// and its latency at a steady rate.
+    Relay(relay::Args),
 }
 
 /// `txbox::outbox::KeyOrder`, as a command-line value.
@@ -181,8 +194,12 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let opt = Opt::parse();
+    let Some(bootstrap) = opt.bootstrap.as_deref() else {
+        anyhow::bail!("--bootstrap or TXBOX_KAFKA_BOOTSTRAP is required");
+    };
     match opt.what {
         What::Inbox {
             messages,
@@ -193,9 +210,10 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let order = txbox::outbox::KeyOrder::from(key_order);
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
+            db.add_ceiling().await?;
             println!(
-                "txbox-bench inbox: database {}, broker {}, key order {key_order:?}",
-                db.name, opt.bootstrap
+                "txbox-bench inbox: database {}, broker {bootstrap}, key order {key_order:?}",
+                db.name
             );
             let pgbench = pgbench::find();
             println!(
@@ -253,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
                         Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
                         None => f64::NAN,
                     };
-                    let run = inbox::run(&db, &opt.bootstrap, shape, n.max(1000), order).await?;
+                    let run = inbox::run(&db, bootstrap, shape, n.max(1000), order).await?;
                     let row = Round {
                         inbox: run.inbox,
                         same,
@@ -270,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
             }
             db.drop_db().await?;
         }
+        What::Relay(args) => relay::run(&args, &opt.database_url, bootstrap).await?,
     }
     Ok(())
 }

@@ -101,9 +101,32 @@
 //! Through the [`metrics`] facade (install any recorder):
 //! `txbox_relay_published_total`, `txbox_relay_batches_total`,
 //! `txbox_relay_retries_total`, `txbox_relay_dead_letters_total`,
-//! `txbox_relay_pruned_total` (counters, label `stream`),
-//! `txbox_relay_leader` (gauge per stream) and
+//! `txbox_relay_pruned_total`, `txbox_relay_history_changed_total`
+//! (counters, label `stream`), `txbox_relay_aborts_total` (counter, labels
+//! `stream` and `reason`: `fenced`, `fatal`, `timeout`, `abortable`,
+//! `rejected`, `abandoned`, `other`), `txbox_relay_commit_seconds`
+//! (histogram per stream: each `commit_transaction` call in exactly-once
+//! mode), `txbox_relay_leader`, `txbox_relay_backlog_rows` and
+//! `txbox_relay_oldest_unpublished_seconds` (gauges per stream) and
 //! `txbox_relay_held_back_seconds` (gauge).
+//!
+//! The backlog gauges count the rows past the stream's stored position
+//! ([`Backlogs`]), at most 100,000 of them, every 5 s, in every instance
+//! running the stream (a standby too, so a backlog shows while its holder
+//! is gone); the oldest row's age is that of the oldest row counted.
+//!
+//! # Tracing
+//!
+//! Each batch runs in a `tracing` span named `txbox.relay.batch` (level
+//! INFO, target `txbox_relay::stream`) with the fields `stream`, `mode`,
+//! `rows`, `first_id` and `last_id` (outbox ids), then `outcome` once
+//! known: in exactly-once mode the Kafka transaction's end (`committed`;
+//! `aborted`, to be retried; `rejected`, aborted over a row Kafka refuses),
+//! in at-least-once mode `acknowledged`, `failed` (retried from the first
+//! row not acknowledged) or `rejected`; in both `fatal`, `unsupported`, or
+//! `abandoned` (the batch was dropped: lease lost, shutdown). A failed
+//! batch also records `error`. The span covers publishing the batch and
+//! writing its position; nothing is logged per row.
 //!
 //! # Features
 //!
@@ -116,6 +139,7 @@
 #![warn(clippy::unwrap_used)]
 #![doc(test(attr(deny(warnings), allow(dead_code))))]
 
+mod backlog;
 pub mod cli;
 mod config;
 mod cursor;
@@ -135,6 +159,7 @@ mod stream;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use backlog::{Backlog, Backlogs};
 pub use config::{ConfigOverrides, Mode, OnReject, RelayConfig};
 pub use cursor::{hold_back, Cursor, HeldBack, OutboxRow, Position};
 pub use duration::parse_duration;
@@ -199,7 +224,9 @@ async fn run_with(
     config.validate()?;
     let schema = config.txbox_schema()?;
     let streams = config.streams.clone();
-    let connections = u32::try_from(streams.len() * 3 + 3).unwrap_or(u32::MAX);
+    // Per stream: the batch loop, its prefetch, the pruner and the backlog
+    // gauges; then the listener, the hold-back monitor and `/ready`.
+    let connections = u32::try_from(streams.len() * 4 + 3).unwrap_or(u32::MAX);
     let pool = PgPoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(10))

@@ -25,6 +25,7 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use txbox::db::{is_transient, Backoff};
 
 use crate::config::{Mode, OnReject, RelayConfig};
@@ -89,7 +90,16 @@ impl StreamTask {
         let (alarm_tx, alarm_rx) = watch::channel(None);
         let prune_cancel = self.cancel.child_token();
         let pruner = self.spawn_pruner(prune_rx, alarm_tx, prune_cancel.clone());
-        // Also stops the pruner if this task is aborted.
+        // Every instance running the stream, standby or leader, measures
+        // the same stored position: the backlog shows while no one
+        // publishes.
+        let gauges = crate::backlog::spawn_gauges(
+            crate::backlog::Backlogs::new(&self.schema),
+            self.pool.clone(),
+            self.stream,
+            prune_cancel.clone(),
+        );
+        // Also stops the pruner and the gauges if this task is aborted.
         let _prune_guard = prune_cancel.clone().drop_guard();
         let guards = Guards {
             histories: Histories::new(&self.schema),
@@ -97,10 +107,11 @@ impl StreamTask {
             alarm: alarm_rx,
         };
         let led = self.lead(&leases, &backoff, &guards, report).await;
-        // The pruner ends before this stream does, so before the relay
-        // closes the pool under it.
+        // The pruner and the gauges end before this stream does, so before
+        // the relay closes the pool under them.
         prune_cancel.cancel();
         let _ = pruner.await;
+        let _ = gauges.await;
         led
     }
 
@@ -396,6 +407,44 @@ struct Guards<'a> {
     alarm: watch::Receiver<Option<(Position, String)>>,
 }
 
+/// The span of one batch, `txbox.relay.batch`: its stream, mode, size and
+/// outbox ids; `outcome` (and `error`) are recorded when known.
+fn batch_span(stream: i32, mode: Mode, rows: &[OutboxRow]) -> tracing::Span {
+    tracing::info_span!(
+        "txbox.relay.batch",
+        stream,
+        mode = %mode,
+        rows = rows.len(),
+        first_id = rows.first().map_or(0, |r| r.id),
+        last_id = rows.last().map_or(0, |r| r.id),
+        outcome = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
+}
+
+/// What became of a batch, for its span: in exactly-once mode the Kafka
+/// transaction's end (`committed`; `aborted`, to be retried; `rejected`,
+/// aborted for a row Kafka refuses), in at-least-once mode
+/// `acknowledged`, `failed` (to be retried from the first row not
+/// acknowledged) or `rejected`; in both `fatal` (producer fenced or
+/// unusable: the transaction does not commit) or `unsupported`. A batch
+/// dropped because the lease was lost or shutdown's grace ran out is
+/// `abandoned`.
+fn outcome(
+    mode: Mode,
+    result: &std::result::Result<crate::publisher::Published, PublishError>,
+) -> &'static str {
+    match (result, mode) {
+        (Ok(_), Mode::ExactlyOnce) => "committed",
+        (Ok(_), Mode::AtLeastOnce) => "acknowledged",
+        (Err(PublishError::Retry { .. }), Mode::ExactlyOnce) => "aborted",
+        (Err(PublishError::Retry { .. }), Mode::AtLeastOnce) => "failed",
+        (Err(PublishError::Rejected { .. }), _) => "rejected",
+        (Err(PublishError::Fatal(_)), _) => "fatal",
+        (Err(PublishError::Unsupported(_)), _) => "unsupported",
+    }
+}
+
 /// Counts a stream stopped for a changed database history.
 fn history_changed(stream: i32) {
     metrics::counter!("txbox_relay_history_changed_total", "stream" => stream.to_string())
@@ -475,6 +524,7 @@ impl Leader<'_> {
                 continue;
             }
             let publish_started = Instant::now();
+            let span = batch_span(stream, config.mode, &rows);
             // A full batch suggests more rows: read the next batch while
             // this one is in flight (used only if this one succeeds).
             let (published, next) = if rows.len() == config.batch_size {
@@ -486,32 +536,55 @@ impl Leader<'_> {
                     .unwrap_or(self.position);
                 let limit = config.batch_size;
                 let prefetch = async move { (after, cursor.read(&pool, after, limit).await) };
-                let (published, next) = tokio::join!(self.publish_guarded(&rows), prefetch);
+                let (published, next) = tokio::join!(
+                    self.publish_guarded(&rows).instrument(span.clone()),
+                    prefetch
+                );
                 (published, Some(next))
             } else {
-                (self.publish_guarded(&rows).await, None)
+                (
+                    self.publish_guarded(&rows).instrument(span.clone()).await,
+                    None,
+                )
             };
             let result = match published {
                 Ok(result) => result,
-                Err(exit) => return exit,
+                Err(exit) => {
+                    span.record("outcome", "abandoned");
+                    return exit;
+                }
             };
+            span.record("outcome", outcome(config.mode, &result));
+            if let Err(
+                PublishError::Retry { error, .. }
+                | PublishError::Rejected { error, .. }
+                | PublishError::Fatal(error)
+                | PublishError::Unsupported(error),
+            ) = &result
+            {
+                span.record("error", error.as_str());
+            }
             let record_started = Instant::now();
             match result {
                 Ok(done) => {
                     txbox::crash_point!("relay.after_kafka_commit");
-                    if let Err(exit) = self.record(done.last, done.count).await {
+                    if let Err(exit) = self
+                        .record(done.last, done.count)
+                        .instrument(span.clone())
+                        .await
+                    {
                         return exit;
                     }
                     txbox::crash_point!("relay.after_db_position");
-                    tracing::debug!(
-                        stream,
-                        rows = done.count,
-                        read_ms = (publish_started - read_started).as_secs_f64() * 1e3,
-                        publish_ms = (record_started - publish_started).as_secs_f64() * 1e3,
-                        record_ms = record_started.elapsed().as_secs_f64() * 1e3,
-                        position = %done.last,
-                        "batch published"
-                    );
+                    span.in_scope(|| {
+                        tracing::debug!(
+                            read_ms = (publish_started - read_started).as_secs_f64() * 1e3,
+                            publish_ms = (record_started - publish_started).as_secs_f64() * 1e3,
+                            record_ms = record_started.elapsed().as_secs_f64() * 1e3,
+                            position = %done.last,
+                            "batch published"
+                        )
+                    });
                     attempt = 0;
                     isolate = isolate.saturating_sub(done.count);
                     if let Some((after, Ok(rows))) = next {
@@ -526,7 +599,11 @@ impl Leader<'_> {
                     metrics::counter!("txbox_relay_batches_total", "stream" => stream_label.clone()).increment(1);
                 }
                 Err(PublishError::Retry { delivered, error }) => {
-                    if let Err(exit) = self.record_prefix(&rows, delivered, report).await {
+                    if let Err(exit) = self
+                        .record_prefix(&rows, delivered, report)
+                        .instrument(span.clone())
+                        .await
+                    {
                         return exit;
                     }
                     isolate = isolate.saturating_sub(delivered);
@@ -541,7 +618,11 @@ impl Leader<'_> {
                     index,
                     error,
                 }) => {
-                    if let Err(exit) = self.record_prefix(&rows, delivered, report).await {
+                    if let Err(exit) = self
+                        .record_prefix(&rows, delivered, report)
+                        .instrument(span.clone())
+                        .await
+                    {
                         return exit;
                     }
                     let Some(row) = rows.get(index) else {

@@ -18,7 +18,8 @@
 //!   the public methods of a type as parsed from its crate's sources.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
 //!   counters and histograms.
-//! - [`CapturedSpans`]: the process's `tracing` spans and their fields.
+//! - [`CapturedSpans`]: the `tracing` spans the process opened, with their
+//!   fields.
 //!
 //! Environment: `TXBOX_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `KAFKA_BOOTSTRAP` (a
@@ -71,11 +72,15 @@ pub fn init_tracing() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn,txbox=info,txbox_relay=info".into()),
-            )
+            .with_env_filter(test_log_filter())
             .with_test_writer()
             .try_init();
     });
+}
+
+/// What the test log shows: `RUST_LOG`, by default warnings and txbox's
+/// own information.
+fn test_log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,txbox=info,txbox_relay=info".into())
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
 use txbox::Schema;
-use txbox_relay::{Histories, HistoryCheck};
+use txbox_relay::{Backlogs, Histories, HistoryCheck};
 
 /// One relay stream (from `relay_streams`, or only seen in the outbox or
 /// its dead letters: then never leased).
@@ -131,24 +131,14 @@ pub(crate) async fn streams(pool: &PgPool, schema: &Schema) -> anyhow::Result<Ve
     out.extend(others.into_iter().map(never_leased));
     out.sort_by_key(|s| s.stream);
 
-    let backlog_sql = format!(
-        "SELECT count(*), min(created_at),
-                extract(epoch FROM now() - min(created_at))::float8
-           FROM {outbox_t}
-          WHERE stream = $1 AND (txid, id) > ($2::text::xid8, $3)"
-    );
+    let backlogs = Backlogs::new(schema);
     let histories = Histories::new(schema);
     for s in &mut out {
-        let (count, oldest, age): (i64, Option<DateTime<Utc>>, Option<f64>) =
-            sqlx::query_as(&backlog_sql)
-                .bind(s.stream)
-                .bind(&s.position_txid)
-                .bind(s.position_id)
-                .fetch_one(pool)
-                .await?;
-        s.backlog = count;
-        s.oldest_unpublished_at = oldest;
-        s.oldest_unpublished_age_seconds = age.map(|a| a.max(0.0));
+        // Exact: a command run on demand counts the whole backlog.
+        let backlog = backlogs.measure(pool, s.stream, None).await?;
+        s.backlog = backlog.rows;
+        s.oldest_unpublished_at = backlog.oldest_at;
+        s.oldest_unpublished_age_seconds = backlog.oldest_age.map(|a| a.as_secs_f64());
         s.dead_letters = dead.iter().find(|d| d.0 == s.stream).map_or(0, |d| d.1);
         match histories.verify_stream(pool, s.stream).await {
             Ok(HistoryCheck::Same) => s.history = "same",

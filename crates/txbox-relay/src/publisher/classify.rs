@@ -88,6 +88,51 @@ fn by_code(code: Code) -> Class {
     }
 }
 
+/// Codes meaning a producer was fenced by a newer one with its
+/// `transactional.id`.
+const FENCED: &[Code] = &[
+    Code::ProducerFenced,
+    Code::InvalidProducerEpoch,
+    Code::Fenced,
+];
+
+/// Codes meaning a request or a message ran out of time.
+const TIMEOUT: &[Code] = &[
+    Code::OperationTimedOut,
+    Code::RequestTimedOut,
+    Code::TimedOutQueue,
+    Code::MessageTimedOut,
+];
+
+fn code(err: &KafkaError) -> Option<Code> {
+    match err {
+        KafkaError::Transaction(e) => Some(e.code()),
+        other => other.rdkafka_error_code(),
+    }
+}
+
+/// A timeout: of a request, of a queued message, of a blocking call.
+pub(crate) fn is_timeout(err: &KafkaError) -> bool {
+    code(err).is_some_and(|c| TIMEOUT.contains(&c))
+}
+
+/// Why a transaction ended without a commit after `err`: the `reason`
+/// label of `txbox_relay_aborts_total`. `fenced`: a newer producer took
+/// the `transactional.id` (its `init_transactions` aborts the
+/// transaction); `fatal`: another error that leaves the producer unusable;
+/// `timeout`; `abortable`: librdkafka requires an abort; `rejected`: a
+/// record will never be accepted; `other`: any other error.
+pub(crate) fn abort_reason(err: &KafkaError) -> &'static str {
+    match classify(err) {
+        Class::Fatal if code(err).is_some_and(|c| FENCED.contains(&c)) => "fenced",
+        Class::Fatal => "fatal",
+        _ if is_timeout(err) => "timeout",
+        Class::Abortable => "abortable",
+        Class::Permanent => "rejected",
+        Class::Retriable | Class::Unsupported => "other",
+    }
+}
+
 /// A one-line description: the error code's name, and for transaction
 /// errors the flags librdkafka attached.
 pub(crate) fn describe(err: &KafkaError) -> String {
@@ -129,5 +174,24 @@ mod tests {
         assert_eq!(classify(&produce(Code::ProducerFenced)), Class::Fatal);
         assert_eq!(classify(&produce(Code::InvalidProducerEpoch)), Class::Fatal);
         assert_eq!(classify(&KafkaError::Canceled), Class::Retriable);
+    }
+
+    #[test]
+    fn abort_reasons_name_the_class() {
+        let produce = |c| KafkaError::MessageProduction(c);
+        assert_eq!(abort_reason(&produce(Code::ProducerFenced)), "fenced");
+        assert_eq!(abort_reason(&produce(Code::InvalidProducerEpoch)), "fenced");
+        assert_eq!(
+            abort_reason(&produce(Code::ClusterAuthorizationFailed)),
+            "fatal"
+        );
+        assert_eq!(abort_reason(&produce(Code::MessageTimedOut)), "timeout");
+        assert_eq!(abort_reason(&produce(Code::RequestTimedOut)), "timeout");
+        assert_eq!(
+            abort_reason(&produce(Code::MessageSizeTooLarge)),
+            "rejected"
+        );
+        assert_eq!(abort_reason(&produce(Code::NotCoordinator)), "other");
+        assert_eq!(abort_reason(&KafkaError::Canceled), "other");
     }
 }

@@ -28,7 +28,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 pub(crate) use at_least_once::AtLeastOnce;
-pub(crate) use classify::{classify, describe, Class};
+pub(crate) use classify::{abort_reason, classify, describe, is_timeout, Class};
 pub(crate) use transactional::Transactional;
 
 use crate::config::{Mode, RelayConfig};

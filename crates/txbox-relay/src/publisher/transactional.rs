@@ -8,7 +8,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::position_topic::{self, PositionRecord};
-use super::{blocking, classify, delivered, describe, enqueue, mid_batch, record_for, Class};
+use super::{abort_reason, blocking, classify, delivered, describe, enqueue, is_timeout};
+use super::{mid_batch, record_for, Class};
 use super::{PublishError, Published, PublisherSettings};
 use crate::config::Mode;
 use crate::cursor::{OutboxRow, Position};
@@ -32,6 +33,8 @@ pub(crate) struct Transactional {
     settings: PublisherSettings,
     /// A transaction is open (begun, not yet committed or aborted).
     open: bool,
+    /// `txbox_relay_commit_seconds{stream}`.
+    commit_seconds: metrics::Histogram,
 }
 
 impl fmt::Debug for Transactional {
@@ -98,10 +101,12 @@ impl Transactional {
             resume_after = %position,
             "recovered position"
         );
+        let commit_seconds = metrics::histogram!("txbox_relay_commit_seconds", "stream" => settings.stream.to_string());
         let mut publisher = Transactional {
             producer,
             settings,
             open: false,
+            commit_seconds,
         };
         publisher.probe(position).await?;
         Ok((publisher, position))
@@ -222,7 +227,10 @@ impl Transactional {
         loop {
             attempt += 1;
             let p = self.producer.clone();
-            let e = match blocking(move || p.commit_transaction(COMMIT_TIMEOUT)).await {
+            let started = std::time::Instant::now();
+            let committed = blocking(move || p.commit_transaction(COMMIT_TIMEOUT)).await;
+            self.commit_seconds.record(started.elapsed().as_secs_f64());
+            let e = match committed {
                 Ok(()) => {
                     self.open = false;
                     return Ok(Published { count, last });
@@ -240,7 +248,7 @@ impl Transactional {
                     )));
                 }
                 Class::Fatal => {
-                    self.open = false;
+                    self.abandon(abort_reason(&e));
                     return Err(PublishError::Fatal(format!(
                         "commit_transaction: {}",
                         describe(&e)
@@ -266,14 +274,14 @@ impl Transactional {
         let detail = describe(&e);
         match classify(&e) {
             Class::Fatal => {
-                self.open = false;
+                self.abandon(abort_reason(&e));
                 PublishError::Fatal(detail)
             }
             Class::Unsupported => {
                 self.open = false;
                 PublishError::Unsupported(detail)
             }
-            _ => match self.abort().await {
+            _ => match self.abort(abort_reason(&e)).await {
                 Ok(()) => PublishError::Retry {
                     delivered: 0,
                     error: detail,
@@ -285,7 +293,7 @@ impl Transactional {
 
     /// Aborts, then reports row `index` as refused for good.
     async fn reject(&mut self, index: usize, error: String) -> PublishError {
-        match self.abort().await {
+        match self.abort("rejected").await {
             Ok(()) => PublishError::Rejected {
                 delivered: 0,
                 index,
@@ -295,32 +303,46 @@ impl Transactional {
         }
     }
 
-    async fn abort(&mut self) -> Result<(), String> {
+    /// Aborts the open transaction, if any, counting it under `reason`
+    /// (see [`abort_reason`]).
+    async fn abort(&mut self, reason: &'static str) -> Result<(), String> {
         if !self.open {
             return Ok(());
         }
+        // Counted whether or not the abort call succeeds: the transaction
+        // never commits (the next producer's `init_transactions`, or the
+        // transaction timeout, aborts it otherwise).
+        self.abandon(reason);
         for attempt in 1..=3u64 {
             let p = self.producer.clone();
             match blocking(move || p.abort_transaction(ABORT_TIMEOUT)).await {
-                Ok(()) => {
-                    self.open = false;
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(e) if classify(&e) == Class::Retriable && attempt < 3 => {
                     tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
                 }
-                Err(e) => {
-                    self.open = false;
-                    return Err(describe(&e));
-                }
+                Err(e) => return Err(describe(&e)),
             }
         }
         Err("abort_transaction did not finish".to_owned())
     }
 
-    /// Aborts an open transaction (shutdown, lease lost).
+    /// Marks the open transaction, if any, as ended without a commit and
+    /// counts it in `txbox_relay_aborts_total{stream, reason}`.
+    fn abandon(&mut self, reason: &'static str) {
+        if std::mem::take(&mut self.open) {
+            metrics::counter!(
+                "txbox_relay_aborts_total",
+                "stream" => self.settings.stream.to_string(),
+                "reason" => reason
+            )
+            .increment(1);
+        }
+    }
+
+    /// Aborts an open transaction (shutdown past the grace period, lease
+    /// lost mid-batch): reason `abandoned`.
     pub(crate) async fn close(mut self) {
-        if let Err(e) = self.abort().await {
+        if let Err(e) = self.abort("abandoned").await {
             tracing::warn!(stream = self.settings.stream, error = %e, "abort on close failed");
         }
     }
@@ -351,16 +373,4 @@ async fn settle(producer: &FutureProducer) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
-}
-
-fn is_timeout(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as Code;
-    let code = match e {
-        KafkaError::Transaction(t) => Some(t.code()),
-        other => other.rdkafka_error_code(),
-    };
-    matches!(
-        code,
-        Some(Code::OperationTimedOut | Code::RequestTimedOut | Code::TimedOutQueue)
-    )
 }

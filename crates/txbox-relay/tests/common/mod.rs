@@ -231,13 +231,23 @@ pub async fn relay_row(pool: &PgPool) -> (Option<String>, i64, i64, i64) {
 /// Command-line arguments for the `txbox-relay` binary: at-least-once mode
 /// against `bootstrap`, polling every 50 ms, then `extra`.
 pub fn binary_args<'a>(db: &'a TestDb, bootstrap: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    binary_args_in("at-least-once", db, bootstrap, extra)
+}
+
+/// [`binary_args`] in `mode` (`exactly-once` or `at-least-once`).
+pub fn binary_args_in<'a>(
+    mode: &'a str,
+    db: &'a TestDb,
+    bootstrap: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec![
         "--database-url",
         db.url(),
         "--brokers",
         bootstrap,
         "--mode",
-        "at-least-once",
+        mode,
         "--poll-interval",
         "50ms",
     ];

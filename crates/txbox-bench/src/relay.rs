@@ -1,14 +1,7 @@
-//! `txbox-relay-bench`: how fast the relay drains an outbox, against a
+//! `txbox-bench relay`: how fast the relay drains an outbox, against a
 //! plain transactional producer and a plain idempotent producer, and how
 //! long an event takes from its staging commit until a `read_committed`
 //! consumer sees it.
-//!
-//! Run with (release build, Apache Kafka and PostgreSQL up, e.g. from
-//! `scripts/dev-up`, then `source .txbox/env`):
-//!
-//! ```text
-//! cargo run --release -p txbox-relay --bin txbox-relay-bench -- --events 1000000
-//! ```
 //!
 //! Steps, all in one run against one broker, on a fresh database (dropped
 //! at the end):
@@ -35,37 +28,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Parser;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 use txbox_relay::{CancellationToken, Mode, RelayConfig};
 use uuid::Uuid;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "txbox-relay-bench",
-    about = "Relay throughput and latency benchmark"
-)]
-struct Args {
-    /// Kafka bootstrap servers (e.g. the Apache Kafka started by scripts/dev-up).
-    #[arg(long, env = "KAFKA_BOOTSTRAP")]
-    bootstrap: String,
-    /// PostgreSQL server URL; a fresh database is created on it.
-    #[arg(
-        long,
-        env = "TXBOX_TEST_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+use crate::ceiling::BenchDb;
+
+/// `txbox-bench relay`'s options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
     /// The relay's mode.
     #[arg(long, value_enum, default_value_t = Mode::ExactlyOnce)]
     mode: Mode,
@@ -114,41 +92,31 @@ fn kafka_options(flag: &str, options: &[String]) -> anyhow::Result<Vec<(String, 
         .collect()
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let db = BenchDb::create(&args.database_url).await?;
-    let result = bench(&args, &db).await;
-    db.drop_database().await;
-    result
-}
-
-async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
+/// Runs the benchmark on a fresh database of the server `database_url`,
+/// dropped afterwards, against the brokers `bootstrap`.
+pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let db = BenchDb::create(database_url).await?;
+    let result = bench(args, &db, bootstrap).await;
+    let dropped = db.drop_db().await;
+    result.and(dropped)
+}
+
+async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()> {
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let relay_topic = format!("bench-relay-{run}");
     let txn_topic = format!("bench-txn-{run}");
     let plain_topic = format!("bench-plain-{run}");
     let latency_topic = format!("bench-latency-{run}");
+    let broker = txbox_testkit::Broker::at(bootstrap);
     for t in [&relay_topic, &txn_topic, &plain_topic, &latency_topic] {
-        create_topic(&args.bootstrap, t, args.partitions).await?;
+        broker.create_topic(t, args.partitions).await;
     }
     println!(
-        "txbox-relay-bench: {} events x {} B, relay {}, batch {}, {} partitions, broker {}",
-        args.events,
-        args.payload_bytes,
-        args.mode,
-        args.batch_size,
-        args.partitions,
-        args.bootstrap
+        "txbox-bench relay: {} events x {} B, relay {}, batch {}, {} partitions, broker {}",
+        args.events, args.payload_bytes, args.mode, args.batch_size, args.partitions, bootstrap
     );
 
     // 1. Pre-fill.
@@ -163,7 +131,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
     );
 
     // 2. Drain with the relay.
-    let mut config = RelayConfig::new(&db.url, &args.bootstrap);
+    let mut config = RelayConfig::new(&db.url, bootstrap);
     config.mode = args.mode;
     config.batch_size = args.batch_size;
     config.poll_interval = Duration::from_millis(20);
@@ -171,7 +139,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
     // A transactional.id and position topic of this run's own: nothing
     // from an earlier run (or a test on the same broker) is recovered or
     // fenced.
-    config.transactional_id_prefix = format!("txbox-relay-bench-{run}");
+    config.transactional_id_prefix = format!("txbox-bench-relay-{run}");
     config.position_topic = format!("bench-positions-{run}");
     config
         .kafka
@@ -223,7 +191,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
         let records = Arc::new(records(args.events, args.payload_bytes));
         // 3. Plain transactional producer, same records, same transaction size.
         let txn_rate = {
-            let config = baseline_config(&args.bootstrap, &baseline_options);
+            let config = baseline_config(bootstrap, &baseline_options);
             let (topic, records) = (txn_topic.clone(), records.clone());
             let transactional_id = format!("bench-txn-{run}");
             let per_txn = args.batch_size;
@@ -238,7 +206,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
         );
         // 4. Plain idempotent producer, same records.
         let plain_rate = plain_producer(
-            baseline_config(&args.bootstrap, &baseline_options),
+            baseline_config(bootstrap, &baseline_options),
             &plain_topic,
             &records,
         )
@@ -257,7 +225,7 @@ async fn bench(args: &Args, db: &BenchDb) -> anyhow::Result<()> {
 
     // 6. Latency at a steady rate, with the relay still running.
     if !args.no_latency {
-        latency(args, &db.pool, &latency_topic).await?;
+        latency(args, &db.pool, bootstrap, &latency_topic).await?;
     }
     shutdown.cancel();
     match relay.await? {
@@ -329,6 +297,29 @@ fn headers(id: &str) -> OwnedHeaders {
         })
 }
 
+/// Queues `record` on `topic` with the relay's headers, waiting while
+/// librdkafka's queue is full.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    (key, payload, id): &BenchRecord,
+) -> Result<DeliveryFuture, KafkaError> {
+    let mut rec = FutureRecord::to(topic)
+        .key(key.as_slice())
+        .payload(payload.as_slice())
+        .headers(headers(id));
+    loop {
+        match producer.send_result(rec) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Producer settings both baselines share (the relay's guarantees:
 /// idempotence, `acks=all`, the Java client's key hashing), then `extra`.
 fn baseline_config(bootstrap: &str, extra: &[(String, String)]) -> ClientConfig {
@@ -377,24 +368,9 @@ fn transactional_producer(
         producer
             .begin_transaction()
             .context("(a) begin_transaction")?;
-        for (key, payload, id) in chunk {
-            let mut rec = FutureRecord::to(topic)
-                .key(key.as_slice())
-                .payload(payload.as_slice())
-                .headers(headers(id));
-            loop {
-                match producer.send_result(rec) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        rec = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => bail!("(a) transactional producer: {e}"),
-                }
-            }
+        for record in chunk {
+            let queued = futures::executor::block_on(send(&producer, topic, record));
+            pending.push(queued.context("(a) transactional producer")?);
         }
         for delivery in pending.drain(..) {
             match futures::executor::block_on(delivery) {
@@ -421,24 +397,12 @@ async fn plain_producer(
     let events = records.len();
     let t = Instant::now();
     let mut pending = Vec::with_capacity(events);
-    for (key, payload, id) in records {
-        let mut rec = FutureRecord::to(topic)
-            .key(key.as_slice())
-            .payload(payload.as_slice())
-            .headers(headers(id));
-        loop {
-            match producer.send_result(rec) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    rec = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => bail!("plain producer: {e}"),
-            }
-        }
+    for record in records {
+        pending.push(
+            send(&producer, topic, record)
+                .await
+                .context("plain producer")?,
+        );
     }
     for f in pending {
         if let Ok(Err((e, _))) = f.await {
@@ -448,13 +412,13 @@ async fn plain_producer(
     Ok(events as f64 / t.elapsed().as_secs_f64())
 }
 
-async fn latency(args: &Args, pool: &PgPool, topic: &str) -> anyhow::Result<()> {
+async fn latency(args: &Args, pool: &PgPool, bootstrap: &str, topic: &str) -> anyhow::Result<()> {
     let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &args.bootstrap)
+            .set("bootstrap.servers", bootstrap)
             .set("group.id", format!("bench-{}", Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             // librdkafka's default, spelled out: the relay's aborted
@@ -558,86 +522,4 @@ async fn latency(args: &Args, pool: &PgPool, topic: &str) -> anyhow::Result<()> 
         l[l.len() - 1].as_secs_f64() * 1e3
     );
     Ok(())
-}
-
-async fn create_topic(bootstrap: &str, name: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for r in admin.create_topics([&topic], &opts).await? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => bail!("cannot create topic {t}: {e}"),
-        }
-    }
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    for _ in 0..100 {
-        let ready = tokio::task::block_in_place(|| {
-            probe.fetch_metadata(Some(name), Duration::from_secs(5))
-        })
-        .ok()
-        .and_then(|m| {
-            m.topics()
-                .first()
-                .map(|t| t.error().is_none() && !t.partitions().is_empty())
-        })
-        .unwrap_or(false);
-        if ready {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("topic {name} did not appear")
-}
-
-/// A database created for the run and dropped after it.
-struct BenchDb {
-    pool: PgPool,
-    url: String,
-    name: String,
-    admin: String,
-}
-
-impl BenchDb {
-    async fn create(admin: &str) -> anyhow::Result<BenchDb> {
-        let name = format!("txbox_relay_bench_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(admin)
-            .await
-            .with_context(|| format!("connect to {admin}"))?;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
-        let opts: PgConnectOptions = admin.parse::<PgConnectOptions>()?.database(&name);
-        let url = opts.to_url_lossy().to_string();
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .connect_with(opts)
-            .await?;
-        txbox::Migrator::new(txbox::Schema::default())
-            .run(&pool)
-            .await?;
-        Ok(BenchDb {
-            pool,
-            url,
-            name,
-            admin: admin.to_owned(),
-        })
-    }
-
-    async fn drop_database(&self) {
-        self.pool.close().await;
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-        }
-    }
 }
