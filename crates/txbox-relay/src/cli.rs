@@ -98,7 +98,7 @@ pub struct Cli {
     #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: crate::logging::LogFormat,
     /// Export spans over OTLP/HTTP to this OpenTelemetry collector (its
-    /// base URL; `/v1/traces` is appended) [default: no export].
+    /// base URL; `/v1/traces` is appended); without it nothing is exported.
     #[cfg(feature = "otlp")]
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
