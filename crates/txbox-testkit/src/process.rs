@@ -162,6 +162,11 @@ impl Child {
         }
     }
 
+    /// True once the process has exited (on its own or killed).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Waits for exit; returns the exit code (None if killed by a signal).
     pub async fn wait(&mut self) -> Option<i32> {
         self.child.wait().await.ok().and_then(|s| s.code())

@@ -23,6 +23,15 @@ pub struct Common {
     /// Prepended to the topic names, so that runs do not share topics.
     #[arg(long, env = "TXBOX_DEMO_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
+    /// Extra librdkafka option for the service's consumer, key=value
+    /// (repeatable), e.g. `session.timeout.ms=6000` for a faster takeover
+    /// of a killed instance's partitions.
+    #[arg(
+        long = "kafka-option",
+        value_parser = txbox::kafka::parse_option,
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_options: Vec<(String, String)>,
     /// Log lines (to stderr) as text (colours only on a terminal) or json,
     /// one object per line.
     #[arg(long, env = "TXBOX_LOG_FORMAT", value_enum, default_value_t)]
@@ -35,6 +44,16 @@ pub struct Common {
 }
 
 impl Common {
+    /// `builder` with the `--kafka-option`s.
+    pub fn with_kafka_options(
+        &self,
+        builder: txbox::inbox::InboxBuilder,
+    ) -> txbox::inbox::InboxBuilder {
+        self.kafka_options
+            .iter()
+            .fold(builder, |b, (k, v)| b.kafka_option(k, v))
+    }
+
     /// `name` with the topic prefix.
     pub fn topic(&self, name: &str) -> String {
         format!("{}{name}", self.topic_prefix)

@@ -158,7 +158,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let schema = Schema::new(opt.schema.clone())?;
-    let inbox = Inbox::builder(pool.clone())
+    let inbox = opt
+        .common
+        .with_kafka_options(Inbox::builder(pool.clone()))
         .schema(schema.clone())
         .brokers(brokers)
         .group_id(PAYMENTS_GROUP)

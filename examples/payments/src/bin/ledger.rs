@@ -110,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = opt.metrics_listen {
         service::serve_endpoint(addr, &pool, served.clone()).await?;
     }
-    Inbox::builder(pool.clone())
+    opt.common
+        .with_kafka_options(Inbox::builder(pool.clone()))
         .schema(schema)
         .brokers(brokers)
         .group_id(opt.group.clone())
