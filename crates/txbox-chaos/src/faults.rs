@@ -70,6 +70,7 @@ pub(crate) struct Fault {
 #[derive(Debug)]
 pub(crate) struct Schedule {
     rng: StdRng,
+    every: Duration,
     froze: bool,
     kafka: bool,
     postgres: bool,
@@ -84,9 +85,12 @@ const SERVICES: [Service; 4] = [
 ];
 
 impl Schedule {
-    pub(crate) fn new(rng: StdRng) -> Self {
+    /// Faults drawn from `rng`, on average `every` apart (uniformly from
+    /// half to one and a half times that).
+    pub(crate) fn new(rng: StdRng, every: Duration) -> Self {
         Schedule {
             rng,
+            every,
             froze: false,
             kafka: false,
             postgres: false,
@@ -101,7 +105,7 @@ impl Schedule {
 
     /// The next fault, given the share of the load produced so far.
     pub(crate) fn next(&mut self, progress: f64) -> Fault {
-        let after = Duration::from_millis(self.rng.gen_range(800..2500));
+        let after = self.every.mul_f64(self.rng.gen_range(0.5..1.5));
         let kind = if !self.froze && progress >= 0.3 {
             self.froze = true;
             Kind::Freeze {
@@ -136,7 +140,7 @@ mod tests {
     use rand::SeedableRng as _;
 
     fn run(seed: u64) -> Vec<Kind> {
-        let mut s = Schedule::new(StdRng::seed_from_u64(seed));
+        let mut s = Schedule::new(StdRng::seed_from_u64(seed), Duration::from_secs(2));
         (0..20).map(|i| s.next(f64::from(i) / 20.0).kind).collect()
     }
 

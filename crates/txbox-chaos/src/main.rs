@@ -64,6 +64,10 @@ struct Opt {
     /// event was produced.
     #[arg(long, default_value = "180", value_parser = parse_secs)]
     settle_timeout: Duration,
+    /// Mean pause between faults, in seconds (each pause is drawn from
+    /// half to one and a half times it).
+    #[arg(long, default_value = "2", value_parser = parse_secs)]
+    fault_every: Duration,
     /// Where the processes' logs go (a folder per seed).
     #[arg(long, default_value = "target/chaos")]
     logs: PathBuf,
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
     anyhow::ensure!(opt.events > 0, "--events must be at least 1");
     anyhow::ensure!(opt.rate > 0, "--rate must be at least 1");
+    anyhow::ensure!(!opt.fault_every.is_zero(), "--fault-every must be at least 1 s");
     anyhow::ensure!(
         (0.0..1.0).contains(&opt.warmup),
         "--warmup is a share of the events, from 0 up to 1"
@@ -118,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Faults while the load runs, and until each one-off fault happened.
-    let mut schedule = faults::Schedule::new(rand::rngs::StdRng::seed_from_u64(seed));
+    let mut schedule = faults::Schedule::new(rand::rngs::StdRng::seed_from_u64(seed), opt.fault_every);
     let mut load_end: Option<chain::Progress> = None;
     while !load.done() || !schedule.finished() {
         let fault = schedule.next(load.produced() as f64 / opt.events as f64);
