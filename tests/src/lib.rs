@@ -22,6 +22,9 @@ use txbox::inbox::{
 use txbox::{Outbox, OutboxEvent};
 use txbox_testkit::kafka::Record;
 
+/// The topic [`Bank`] stages its events to unless told otherwise.
+pub const BALANCE_CHANGED: &str = "balance-changed";
+
 /// The account whose deposits always fail (retryable), to test retries
 /// and dead letters.
 pub const ALWAYS_FAILS: &str = "always-fails";
@@ -39,6 +42,8 @@ pub struct Deposit {
 #[derive(Debug, Clone)]
 pub struct Bank {
     outbox: Outbox,
+    /// The topic of the staged `BalanceChanged` events.
+    topic: String,
     /// Seconds to sleep inside the handler when a message's offset matches,
     /// announcing `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
     slow_offset: Option<(i64, Duration)>,
@@ -51,9 +56,17 @@ impl Bank {
     pub fn new(outbox: Outbox) -> Self {
         Bank {
             outbox,
+            topic: BALANCE_CHANGED.to_owned(),
             slow_offset: None,
             pace: None,
         }
+    }
+
+    /// Stages its events to `topic` instead of [`BALANCE_CHANGED`] (a
+    /// topic of the test's own, for a relay to publish to).
+    pub fn publishing_to(mut self, topic: impl Into<String>) -> Self {
+        self.topic = topic.into();
+        self
     }
 
     /// Sleeps `d` inside every message's transaction, so a stream is still
@@ -144,7 +157,7 @@ impl Bank {
             .execute(&mut **tx)
             .await?;
         let event = OutboxEvent::json(
-            "balance-changed",
+            self.topic.clone(),
             &serde_json::json!({"account": d.account, "delta": d.amount}),
         )
         .map_err(HandlerError::permanent)?
@@ -158,9 +171,30 @@ impl Bank {
     }
 
     /// Final-state check: every deposit applied exactly once, balances equal
-    /// the sums, one outbox event per deposit. Returns a description of
-    /// every violation (empty when exactly-once held).
+    /// the sums, one outbox event per deposit (to [`BALANCE_CHANGED`], none
+    /// pruned). Returns a description of every violation (empty when
+    /// exactly-once held).
     pub async fn check_exactly_once(pool: &PgPool, deposits: &[(String, Deposit)]) -> Vec<String> {
+        let mut problems = Self::check_applied_once(pool, deposits).await;
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+            .fetch_one(pool)
+            .await
+            .expect("effects");
+        let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.outbox WHERE topic = $1")
+            .bind(BALANCE_CHANGED)
+            .fetch_one(pool)
+            .await
+            .expect("outbox");
+        if staged != applied {
+            problems.push(format!("{staged} outbox events for {applied} effects"));
+        }
+        problems
+    }
+
+    /// The database side of [`check_exactly_once`](Self::check_exactly_once),
+    /// without the outbox: every deposit applied exactly once, balances
+    /// equal the sums, no event id processed twice.
+    pub async fn check_applied_once(pool: &PgPool, deposits: &[(String, Deposit)]) -> Vec<String> {
         let mut problems = Vec::new();
         let effects: Vec<(String, i64)> =
             sqlx::query_as("SELECT event_id, count(*) FROM effects GROUP BY event_id")
@@ -199,15 +233,6 @@ impl Bank {
         .expect("processed");
         if dup_ids > 0 {
             problems.push(format!("{dup_ids} event ids processed more than once"));
-        }
-        let applied: i64 = counts.values().sum();
-        let staged: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM txbox.outbox WHERE topic = 'balance-changed'")
-                .fetch_one(pool)
-                .await
-                .expect("outbox");
-        if staged != applied {
-            problems.push(format!("{staged} outbox events for {applied} effects"));
         }
         problems
     }

@@ -8,7 +8,8 @@
 //! protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
 //! for KIP-848 groups, whose session timeout the broker sets), CHAOS_NAME
 //! (the database sessions' `application_name`, recorded in the bank's
-//! `effects.applied_by`).
+//! `effects.applied_by`), CHAOS_OUTBOX_TOPIC (the topic of the staged
+//! events, default `balance-changed`).
 
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ async fn main() -> anyhow::Result<()> {
         .acquire_timeout(Duration::from_secs(2))
         .connect_lazy_with(connect);
     let mut bank = Bank::new(Outbox::new(Schema::default()));
+    if let Ok(topic) = env("CHAOS_OUTBOX_TOPIC") {
+        bank = bank.publishing_to(topic);
+    }
     if let Ok(offset) = env("CHAOS_SLOW_OFFSET") {
         let secs: u64 = std::env::var("CHAOS_SLOW_SECS")
             .ok()
