@@ -70,7 +70,11 @@ fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
 #[derive(Debug, Clone)]
 enum Payload {
     /// A deposit, with an unknown `memo` field of that many bytes.
-    Deposit { amount: i64, account: u8, memo: usize },
+    Deposit {
+        amount: i64,
+        account: u8,
+        memo: usize,
+    },
     /// Arbitrary small bytes (almost never a deposit).
     Bytes(Vec<u8>),
     /// JSON, but not a deposit.
@@ -78,7 +82,10 @@ enum Payload {
     Empty,
     Tombstone,
     /// Random bytes of that length.
-    Large { seed: u64, len: usize },
+    Large {
+        seed: u64,
+        len: usize,
+    },
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
@@ -161,14 +168,16 @@ fn spec() -> impl Strategy<Value = Spec> {
         prop::option::weighted(0.1, (any::<u64>(), 1usize..100_000)),
         prop::bool::weighted(0.15),
     )
-        .prop_map(|(key, payload, event_id, headers, big_header, resend)| Spec {
-            key,
-            payload,
-            event_id,
-            headers,
-            big_header,
-            resend,
-        })
+        .prop_map(
+            |(key, payload, event_id, headers, big_header, resend)| Spec {
+                key,
+                payload,
+                event_id,
+                headers,
+                big_header,
+                resend,
+            },
+        )
 }
 
 /// A case's messages, as records (a re-sent one appears twice).
@@ -337,7 +346,7 @@ fn hostile_messages_are_applied_once_or_dead_lettered_byte_for_byte() {
         let case = unique_name("c");
         let n = rt.block_on(check(
             db.pool(),
-            &broker,
+            broker,
             &topic,
             &group,
             &case,
@@ -433,7 +442,11 @@ async fn check(
         };
         match outcome {
             Outcome::Applied(d) => {
-                prop_assert!(dead.is_empty(), "offset {} applied and dead-lettered", offset);
+                prop_assert!(
+                    dead.is_empty(),
+                    "offset {} applied and dead-lettered",
+                    offset
+                );
                 prop_assert_eq!(
                     effects,
                     Some(vec![(d.account.clone(), d.amount)]),
@@ -443,7 +456,11 @@ async fn check(
                 );
             }
             Outcome::Duplicate => {
-                prop_assert!(dead.is_empty(), "duplicate at offset {} dead-lettered", offset);
+                prop_assert!(
+                    dead.is_empty(),
+                    "duplicate at offset {} dead-lettered",
+                    offset
+                );
                 prop_assert_eq!(effects.map(|e| e.len()), Some(1), "offset {}", offset);
             }
             Outcome::DeadLettered => {
@@ -457,7 +474,11 @@ async fn check(
                     offset
                 );
                 if let Some(effects) = effects {
-                    prop_assert!(effects.is_empty(), "offset {} dead-lettered and applied", offset);
+                    prop_assert!(
+                        effects.is_empty(),
+                        "offset {} dead-lettered and applied",
+                        offset
+                    );
                 }
             }
         }
@@ -471,7 +492,10 @@ async fn check(
     let produced = records.len() as i64;
     let bytes: usize = records
         .iter()
-        .map(|r| r.payload.as_ref().map_or(0, Vec::len) + r.headers.iter().map(|h| h.1.len()).sum::<usize>())
+        .map(|r| {
+            r.payload.as_ref().map_or(0, Vec::len)
+                + r.headers.iter().map(|h| h.1.len()).sum::<usize>()
+        })
         .sum();
     eprintln!(
         "case {case}: {produced} messages ({bytes} bytes): {applied} applied, \
@@ -490,12 +514,13 @@ async fn check(
             .await
             .map_err(q)?;
     prop_assert_eq!(case_effects, applied, "effects rows of this case");
-    let all_dead: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_dead_letters WHERE consumer_group = $1")
-            .bind(group)
-            .fetch_one(pool)
-            .await
-            .map_err(q)?;
+    let all_dead: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM txbox.inbox_dead_letters WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(pool)
+    .await
+    .map_err(q)?;
     let after = totals(pool, group).await;
     prop_assert_eq!(
         (after.0 - before.0, after.1 - before.1, after.2 - before.2),

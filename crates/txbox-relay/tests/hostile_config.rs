@@ -31,6 +31,9 @@ async fn relay(args: &[&str], envs: &[(&str, &str)], within: Duration) -> Run {
     .await
 }
 
+/// How a run is started: (what, args, env).
+type Way = (String, Vec<String>, Vec<(String, String)>);
+
 /// `host:port` of the test server.
 fn server(db: &TestDb) -> String {
     let after = db.url().split_once('@').map_or(db.url(), |p| p.1);
@@ -39,7 +42,7 @@ fn server(db: &TestDb) -> String {
 
 /// Both ways of passing each URL form carrying [`PASSWORD`]: (what, args,
 /// env) to run with `brokers`.
-fn ways(host: &str, db: &str, user: &str, brokers: &str) -> Vec<(String, Vec<String>, Vec<(String, String)>)> {
+fn ways(host: &str, db: &str, user: &str, brokers: &str) -> Vec<Way> {
     let mut out = Vec::new();
     for url in [
         format!("postgres://{user}:{PASSWORD}@{host}/{db}"),
@@ -59,10 +62,7 @@ fn ways(host: &str, db: &str, user: &str, brokers: &str) -> Vec<(String, Vec<Str
 }
 
 /// Runs every way concurrently for at most `within`.
-async fn run_all(
-    ways: Vec<(String, Vec<String>, Vec<(String, String)>)>,
-    within: Duration,
-) -> Vec<(String, Run)> {
+async fn run_all(ways: Vec<Way>, within: Duration) -> Vec<(String, Run)> {
     let tasks: Vec<_> = ways
         .into_iter()
         .map(|(what, args, envs)| {
@@ -82,11 +82,7 @@ async fn run_all(
 }
 
 fn assert_no_password(what: &str, run: &Run) {
-    assert!(
-        !run.output.contains(PASSWORD),
-        "{what}: the password was shown:\n{}",
-        run.output
-    );
+    run.assert_hides(what, PASSWORD);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,18 +96,21 @@ async fn a_database_password_is_never_shown() {
 
     // Refused for good: a non-zero exit, soon, saying why.
     for (host, user, says) in [
-        (refusing_host.as_str(), "postgres", "password authentication failed"),
+        (
+            refusing_host.as_str(),
+            "postgres",
+            "password authentication failed",
+        ),
         (good.as_str(), "no_such_role", "does not exist"),
     ] {
-        for (what, run) in run_all(ways(host, db.name(), user, &dead_brokers), Duration::from_secs(30)).await {
+        for (what, run) in run_all(
+            ways(host, db.name(), user, &dead_brokers),
+            Duration::from_secs(30),
+        )
+        .await
+        {
             assert_no_password(&what, &run);
-            assert!(
-                run.exit.is_some_and(|c| c != 0) && run.output.contains(says),
-                "{what}: a non-zero exit saying {says:?}, got {:?} after {:?}:\n{}",
-                run.exit,
-                run.elapsed,
-                run.output
-            );
+            run.assert_refused(&what, says);
         }
     }
     assert_eq!(
@@ -178,20 +177,17 @@ async fn bad_values_are_refused_before_connecting() {
         (vec!["--schema", &long_schema], "schema name"),
         (vec!["--schema", &long_unicode], "schema name"),
         (vec!["--position-topic", "a b"], "position_topic"),
-        (vec!["--kafka-option", "enable.idempotence=false"], "enable.idempotence"),
+        (
+            vec!["--kafka-option", "enable.idempotence=false"],
+            "enable.idempotence",
+        ),
     ];
     for (extra, says) in cases {
         let mut args = vec!["--database-url", url.as_str(), "--brokers", &brokers];
         args.extend_from_slice(&extra);
         let run = relay(&args, &[], Duration::from_secs(20)).await;
         assert_no_password(&format!("{extra:?}"), &run);
-        assert!(
-            run.exit.is_some_and(|c| c != 0) && run.output.contains(says),
-            "{extra:?}: a non-zero exit saying {says:?}, got {:?} after {:?}:\n{}",
-            run.exit,
-            run.elapsed,
-            run.output
-        );
+        run.assert_refused(&format!("{extra:?}"), says);
     }
     // A configuration file can hold what a command line cannot: a NUL.
     let dir = std::env::temp_dir().join(unique_name("relay-hostile"));
@@ -202,15 +198,19 @@ async fn bad_values_are_refused_before_connecting() {
         ("poll_interval = \"0s\"", "poll_interval"),
     ] {
         let file = dir.join("relay.toml");
-        std::fs::write(&file, format!("database_url = '{url}'\nbrokers = '{brokers}'\n{toml}\n")).unwrap();
-        let run = relay(&["--config", file.to_str().unwrap()], &[], Duration::from_secs(20)).await;
+        std::fs::write(
+            &file,
+            format!("database_url = '{url}'\nbrokers = '{brokers}'\n{toml}\n"),
+        )
+        .unwrap();
+        let run = relay(
+            &["--config", file.to_str().unwrap()],
+            &[],
+            Duration::from_secs(20),
+        )
+        .await;
         assert_no_password(toml, &run);
-        assert!(
-            run.exit.is_some_and(|c| c != 0) && run.output.contains(says),
-            "{toml}: a non-zero exit saying {says:?}, got {:?}:\n{}",
-            run.exit,
-            run.output
-        );
+        run.assert_refused(toml, says);
     }
     std::fs::remove_dir_all(&dir).ok();
     assert!(

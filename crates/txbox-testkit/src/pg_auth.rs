@@ -38,9 +38,7 @@ impl RefusingPg {
             while let Ok((stream, _)) = listener.accept().await {
                 let seen = seen.clone();
                 tokio::spawn(async move {
-                    if let Ok(Some(pw)) = refuse(stream).await {
-                        seen.lock().unwrap_or_else(PoisonError::into_inner).push(pw);
-                    }
+                    let _ = refuse(stream, &seen).await;
                 });
             }
         });
@@ -83,8 +81,8 @@ async fn read_body(stream: &mut TcpStream, len: i32) -> std::io::Result<Vec<u8>>
 }
 
 /// Reads the startup (answering "no" to encryption requests), asks for a
-/// cleartext password, reads it and answers 28P01. Returns the password.
-async fn refuse(mut stream: TcpStream) -> std::io::Result<Option<String>> {
+/// cleartext password, reads it, records it in `seen` and answers 28P01.
+async fn refuse(mut stream: TcpStream, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
     loop {
         let len = stream.read_i32().await?;
         let body = read_body(&mut stream, len).await?;
@@ -100,11 +98,15 @@ async fn refuse(mut stream: TcpStream) -> std::io::Result<Option<String>> {
     // AuthenticationCleartextPassword.
     stream.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]).await?;
     if stream.read_u8().await? != b'p' {
-        return Ok(None);
+        return Ok(());
     }
     let len = stream.read_i32().await?;
     let body = read_body(&mut stream, len).await?;
     let password = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body)).into_owned();
+    // Recorded before the answer, so a client that has its error sees it.
+    seen.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(password);
     let mut fields = Vec::new();
     for (tag, value) in [
         (b'S', "FATAL"),
@@ -122,5 +124,5 @@ async fn refuse(mut stream: TcpStream) -> std::io::Result<Option<String>> {
     reply.extend_from_slice(&fields);
     stream.write_all(&reply).await?;
     stream.flush().await?;
-    Ok(Some(password))
+    Ok(())
 }

@@ -199,7 +199,12 @@ pub struct Run {
 ///
 /// # Panics
 /// If it cannot be started.
-pub async fn run_for(program: &Path, args: &[&str], envs: &[(&str, &str)], within: Duration) -> Run {
+pub async fn run_for(
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    within: Duration,
+) -> Run {
     use tokio::io::AsyncReadExt;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -258,5 +263,30 @@ pub async fn run_for(program: &Path, args: &[&str], envs: &[(&str, &str)], withi
         exit,
         output,
         elapsed,
+    }
+}
+
+impl Run {
+    /// # Panics
+    /// If `secret` appears in the output (`what` names the run).
+    pub fn assert_hides(&self, what: &str, secret: &str) {
+        assert!(
+            !self.output.contains(secret),
+            "{what}: the secret was shown:\n{}",
+            self.output
+        );
+    }
+
+    /// # Panics
+    /// Unless it exited by itself with a non-zero code and its output
+    /// contains `says` (`what` names the run).
+    pub fn assert_refused(&self, what: &str, says: &str) {
+        assert!(
+            self.exit.is_some_and(|c| c != 0) && self.output.contains(says),
+            "{what}: a non-zero exit saying {says:?}, got {:?} after {:?}:\n{}",
+            self.exit,
+            self.elapsed,
+            self.output
+        );
     }
 }

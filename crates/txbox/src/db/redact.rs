@@ -89,7 +89,10 @@ mod tests {
             let shown = redact_url(url);
             assert!(!shown.contains(secret), "{url} shown as {shown}");
         }
-        assert_eq!(redact_url("postgres://h/db?password="), "postgres://h/db?password=");
+        assert_eq!(
+            redact_url("postgres://h/db?password="),
+            "postgres://h/db?password="
+        );
         assert_eq!(redact_url("postgres://h/db?x=1"), "postgres://h/db?x=1");
     }
 }
