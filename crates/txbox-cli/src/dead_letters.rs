@@ -38,8 +38,9 @@ pub struct DeadLettersArgs {
     /// Which dead letters to list.
     #[command(flatten)]
     pub select: Selection,
-    /// At most this many rows.
-    #[arg(long, default_value_t = 50)]
+    /// At most this many rows (1 or more: a listing of none would read as
+    /// "no dead letters").
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
     pub limit: i64,
 }
 

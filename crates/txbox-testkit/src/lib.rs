@@ -14,6 +14,8 @@
 //! - [`xid`]: transactions given an id by a first write, for order tests.
 //! - [`PgProxy`]: a PostgreSQL-protocol proxy that lets one `COMMIT` reach
 //!   the server and loses its reply.
+//! - [`RefusingPg`]: a PostgreSQL stand-in that refuses every password
+//!   (the shared test server trusts all connections).
 //! - [`reference`](mod@reference): the README's configuration tables, and
 //!   the public methods of a type as parsed from its crate's sources.
 //! - [`CapturedMetrics`]: the process's `metrics` recorder, for asserting
@@ -32,6 +34,7 @@ mod db;
 pub mod kafka;
 mod kafka_server;
 mod mock;
+mod pg_auth;
 mod pg_proxy;
 pub mod process;
 pub mod proxy;
@@ -45,6 +48,7 @@ pub use captured_spans::{CapturedSpan, CapturedSpans};
 pub use db::{admin_url, TestDb};
 pub use kafka_server::KafkaServer;
 pub use mock::MockKafka;
+pub use pg_auth::RefusingPg;
 pub use pg_proxy::{CommitCut, CommitReply, PgProxy};
 pub use server::PgServer;
 

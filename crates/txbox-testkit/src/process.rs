@@ -186,3 +186,112 @@ impl Child {
         }
     }
 }
+
+/// What [`run_for`] saw of a process.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code, if it exited by itself within the time given.
+    pub exit: Option<i32>,
+    /// Its stdout, then its stderr.
+    pub output: String,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+/// Runs `program` with `args`, without the caller's `TXBOX_*` variables but
+/// with `envs`, for at most `within` (then SIGTERM, and SIGKILL 10 s
+/// later), capturing stdout and stderr.
+///
+/// # Panics
+/// If it cannot be started.
+pub async fn run_for(
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    within: Duration,
+) -> Run {
+    use tokio::io::AsyncReadExt;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TXBOX_") && k != "TXBOX_KAFKA_LIBS" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let read = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+        tokio::spawn(async move {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text).await;
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let out = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let exit = match tokio::time::timeout(within, child.wait()).await {
+        Ok(status) => status.ok().and_then(|s| s.code()),
+        Err(_) => {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+            None
+        }
+    };
+    let elapsed = start.elapsed();
+    let output = format!(
+        "{}{}",
+        out.await.unwrap_or_default(),
+        err.await.unwrap_or_default()
+    );
+    Run {
+        exit,
+        output,
+        elapsed,
+    }
+}
+
+impl Run {
+    /// # Panics
+    /// If `secret` appears in the output (`what` names the run).
+    pub fn assert_hides(&self, what: &str, secret: &str) {
+        assert!(
+            !self.output.contains(secret),
+            "{what}: the secret was shown:\n{}",
+            self.output
+        );
+    }
+
+    /// # Panics
+    /// Unless it exited by itself with a non-zero code and its output
+    /// contains `says` (`what` names the run).
+    pub fn assert_refused(&self, what: &str, says: &str) {
+        assert!(
+            self.exit.is_some_and(|c| c != 0) && self.output.contains(says),
+            "{what}: a non-zero exit saying {says:?}, got {:?} after {:?}:\n{}",
+            self.exit,
+            self.elapsed,
+            self.output
+        );
+    }
+}

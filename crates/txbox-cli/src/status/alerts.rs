@@ -7,7 +7,10 @@ use super::Report;
 /// One line per condition that needs a person, empty when none does:
 /// a stream with a backlog and no live lease, a stream whose stored
 /// history is not the database's, dead letters (inbox or relay), a
-/// transaction holding the relay back for longer than `hold_back_alert`.
+/// transaction holding the relay back for longer than `hold_back_alert`,
+/// brokers given but the lag of an inbox partition not measurable (the
+/// brokers unreachable, say): "nothing needs attention" would then be a
+/// claim about lag nobody measured.
 pub(crate) fn reasons(report: &Report, hold_back_alert: Duration) -> Vec<String> {
     let mut out = Vec::new();
     for s in &report.relay {
@@ -32,6 +35,14 @@ pub(crate) fn reasons(report: &Report, hold_back_alert: Duration) -> Vec<String>
             out.push(format!(
                 "relay stream {}: {} relay dead letter(s) (rows not published) in relay_dead_letters",
                 s.stream, s.dead_letters
+            ));
+        }
+    }
+    for p in &report.inbox {
+        if let Some(e) = &p.log_error {
+            out.push(format!(
+                "inbox group {} topic {} partition {}: lag unknown, the log end cannot be read ({e})",
+                p.group, p.topic, p.partition
             ));
         }
     }

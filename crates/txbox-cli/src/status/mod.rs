@@ -35,7 +35,8 @@ use crate::Outcome;
 ///      with a backlog and no live lease (no owner or lease expired), a
 ///      stream whose stored history is not this database's, dead letters
 ///      (inbox or relay), a transaction holding the relay back longer than
-///      --hold-back-alert
+///      --hold-back-alert, --brokers given but an inbox partition's log end
+///      unreadable (lag unknown)
 ///
 /// Examples:
 ///
