@@ -84,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
     let opt = Opt::parse();
     anyhow::ensure!(opt.events > 0, "--events must be at least 1");
     anyhow::ensure!(opt.rate > 0, "--rate must be at least 1");
-    anyhow::ensure!(!opt.fault_every.is_zero(), "--fault-every must be at least 1 s");
+    anyhow::ensure!(
+        !opt.fault_every.is_zero(),
+        "--fault-every must be at least 1 s"
+    );
     anyhow::ensure!(
         (0.0..1.0).contains(&opt.warmup),
         "--warmup is a share of the events, from 0 up to 1"
@@ -123,7 +126,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Faults while the load runs, and until each one-off fault happened.
-    let mut schedule = faults::Schedule::new(rand::rngs::StdRng::seed_from_u64(seed), opt.fault_every);
+    let mut schedule =
+        faults::Schedule::new(rand::rngs::StdRng::seed_from_u64(seed), opt.fault_every);
     let mut load_end: Option<chain::Progress> = None;
     while !load.done() || !schedule.finished() {
         let fault = schedule.next(load.produced() as f64 / opt.events as f64);
