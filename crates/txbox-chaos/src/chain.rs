@@ -368,23 +368,27 @@ impl Chain {
 
     /// Reads progress (zeros while the database is away).
     pub(crate) async fn progress(&self, started: Instant) -> Progress {
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        self.read_progress(started).await.unwrap_or(Progress {
+            at: started.elapsed(),
+            ..Progress::zero()
+        })
+    }
+
+    async fn read_progress(&self, started: Instant) -> sqlx::Result<Progress> {
+        let (settled, ledger, unpublished): (i64, i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM payments_settlements),
                     (SELECT count(*) FROM ledger_entries),
                     (SELECT count(*) FROM txbox.outbox o LEFT JOIN txbox.relay_streams r USING (stream)
                       WHERE r.stream IS NULL OR (o.txid, o.id) > (r.position_txid, r.position_id))",
         )
-        .fetch_optional(&self.pool)
-        .await
-        .ok()
-        .flatten();
-        let (settled, ledger, unpublished) = row.unwrap_or_default();
-        Progress {
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Progress {
             at: started.elapsed(),
             settled,
             ledger,
             unpublished,
-        }
+        })
     }
 
     /// Waits until every event is settled, published and in the ledger.
@@ -451,7 +455,7 @@ impl Chain {
         })
         .await?;
         let mut problems = report.problems(events);
-        let progress = self.progress(Instant::now()).await;
+        let progress = self.read_progress(Instant::now()).await?;
         if progress.unpublished != 0 {
             problems.push(format!(
                 "{} outbox rows left unpublished",

@@ -272,7 +272,10 @@ impl StreamTask {
                 backoff: *backoff,
                 guards,
             };
-            let exit = run.publish_loop(report).await;
+            let exit = match run.store_recovered_position().await {
+                Ok(()) => run.publish_loop(report).await,
+                Err(exit) => exit,
+            };
             let Leader {
                 lease, publisher, ..
             } = run;
@@ -713,6 +716,20 @@ impl Leader<'_> {
                 } => return Err(Exit::Shutdown),
             }
         }
+    }
+
+    /// A position recovered from Kafka ahead of the database's (a relay
+    /// died between the Kafka commit and the position write) is written
+    /// at once: until then `relay_streams`, and so `txbox status` and the
+    /// backlog gauges, would count rows already published as waiting on a
+    /// stream with nothing new to publish.
+    async fn store_recovered_position(&mut self) -> std::result::Result<(), Exit> {
+        if self.position == self.lease.position() {
+            return Ok(());
+        }
+        tracing::info!(stream = self.task.stream, position = ?self.position,
+            "storing the position recovered from Kafka");
+        self.record(self.position, 0).await
     }
 
     /// Writes the position to `relay_streams`, retrying transient errors

@@ -66,6 +66,10 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
                 "traceparent",
                 format!("{}-more", TRACE_B.replacen("00", "cc", 1)),
             ),
+            // A tracestate no event could store (jsonb refuses NUL): dropped.
+            Record::new("6")
+                .header("traceparent", TRACE_A)
+                .header("tracestate", &b"a=b\0"[..]),
         ],
     )
     .await;
@@ -87,7 +91,7 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
     let running = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
     let relay = Relay::start(config(&db, broker.bootstrap(), Mode::ExactlyOnce));
 
-    let seen = consume(broker.bootstrap(), &out, 6, true).await;
+    let seen = consume(broker.bootstrap(), &out, 7, true).await;
     stop.cancel();
     running.await.unwrap().unwrap();
     relay.stop().await;
@@ -100,7 +104,7 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
         c.header(name)
             .map(|v| String::from_utf8(v.to_vec()).unwrap())
     };
-    assert_eq!(seen.len(), 6, "one event per consumed message");
+    assert_eq!(seen.len(), 7, "one event per consumed message");
     assert_eq!(header(0, "traceparent").as_deref(), Some(TRACE_A));
     assert_eq!(header(0, "tracestate").as_deref(), Some("vendor=opaque"));
     assert_eq!(
@@ -125,11 +129,17 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
     );
     assert_eq!(header(5, "traceparent").as_deref(), Some(TRACE_B));
     assert_eq!(header(5, "tracestate"), None);
+    assert_eq!(header(6, "traceparent").as_deref(), Some(TRACE_A));
+    assert_eq!(
+        header(6, "tracestate"),
+        None,
+        "an unstorable tracestate is dropped"
+    );
 
     // One message span per message, with its identity and trace id.
     let messages = spans.named_with("txbox.inbox.message", "group", &group);
     let offsets: Vec<&str> = messages.iter().filter_map(|s| s.field("offset")).collect();
-    assert_eq!(offsets, ["0", "1", "2", "3", "4", "5"], "{messages:?}");
+    assert_eq!(offsets, ["0", "1", "2", "3", "4", "5", "6"], "{messages:?}");
     for span in &messages {
         assert_eq!(span.field("topic"), Some(input.as_str()));
         assert_eq!(span.field("partition"), Some("0"));
@@ -149,6 +159,7 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
             None,
             None,
             Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            Some("0af7651916cd43dd8448eb211c80319c"),
         ]
     );
     // Batch spans cover the six messages and say how each ended.
@@ -158,7 +169,7 @@ async fn the_consumed_trace_reaches_the_events_downstream_receive() {
         .filter(|b| b.field("outcome") == Some("committed"))
         .map(|b| b.field("messages").unwrap().parse::<usize>().unwrap())
         .sum();
-    assert_eq!(committed, 6, "{batches:?}");
+    assert_eq!(committed, 7, "{batches:?}");
     assert!(batches
         .iter()
         .all(|b| b.field("topic") == Some(input.as_str())));

@@ -92,13 +92,18 @@ impl Headers {
                     value: None,
                     value_base64: None,
                 },
-                Some(bytes) => match std::str::from_utf8(bytes) {
-                    Ok(text) => StoredHeader {
+                // jsonb cannot hold U+0000: a value with a NUL byte is
+                // stored as base64 like any other non-text bytes.
+                Some(bytes) => match std::str::from_utf8(bytes)
+                    .ok()
+                    .filter(|t| !t.contains('\0'))
+                {
+                    Some(text) => StoredHeader {
                         key: key.clone(),
                         value: Some(text.to_owned()),
                         value_base64: None,
                     },
-                    Err(_) => StoredHeader {
+                    None => StoredHeader {
                         key: key.clone(),
                         value: None,
                         value_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
@@ -161,5 +166,20 @@ impl Headers {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_with_a_nul_byte_is_stored_as_base64_and_read_back() {
+        let mut h = Headers::new();
+        h.insert("tracestate", "a=b\0c");
+        let json = h.to_json();
+        assert!(!json.to_string().contains("\\u0000"), "{json}");
+        assert_eq!(Headers::from_json(&json).unwrap(), h);
     }
 }

@@ -91,10 +91,15 @@ impl TraceContext {
         })
     }
 
-    /// With this `tracestate` (dropped when longer than 512 characters).
+    /// With this `tracestate`: dropped when longer than 512 characters or
+    /// not printable ASCII (the W3C grammar allows nothing else), so no
+    /// upstream header can make an event unstorable.
     pub fn with_state(mut self, state: impl Into<String>) -> Self {
         let state = state.into();
-        self.state = (!state.is_empty() && state.len() <= MAX_TRACESTATE).then_some(state);
+        let valid = !state.is_empty()
+            && state.len() <= MAX_TRACESTATE
+            && state.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        self.state = valid.then_some(state);
         self
     }
 
@@ -111,12 +116,22 @@ impl TraceContext {
     /// `traceparent` header, or with one that is not valid UTF-8 or W3C
     /// Trace Context (a bad header is never an error: the message is
     /// handled without a trace).
+    /// Several `traceparent` headers make the trace ambiguous: none is
+    /// taken. Several `tracestate` headers are joined, in order, as W3C
+    /// joins repeated HTTP headers.
     pub fn from_headers(headers: &Headers) -> Option<Self> {
-        let parent = std::str::from_utf8(headers.get(TRACEPARENT)?).ok()?;
-        let state = headers
-            .get(TRACESTATE)
-            .and_then(|s| std::str::from_utf8(s).ok());
-        Self::parse(parent, state).ok()
+        let mut parents = headers.iter().filter(|(k, _)| *k == TRACEPARENT);
+        let parent = std::str::from_utf8(parents.next()?.1?).ok()?;
+        if parents.next().is_some() {
+            return None;
+        }
+        let states: Option<Vec<&str>> = headers
+            .iter()
+            .filter(|(k, _)| *k == TRACESTATE)
+            .map(|(_, v)| v.and_then(|v| std::str::from_utf8(v).ok()))
+            .collect();
+        let state = states.filter(|s| !s.is_empty()).map(|s| s.join(","));
+        Self::parse(parent, state.as_deref()).ok()
     }
 
     /// Writes `traceparent` (and `tracestate`, if any) into `headers`,
@@ -174,11 +189,22 @@ impl TraceContext {
     /// `opentelemetry` feature, the current `tracing` span's when it has a
     /// valid OpenTelemetry context. `None` otherwise.
     pub fn current() -> Option<Self> {
+        let scoped = CURRENT.try_with(Clone::clone).ok().flatten();
+        // The current span wins only when it belongs to the scoped trace
+        // (the message span, or one a handler opened inside it), or when
+        // no trace is scoped: a span of another trace (a batch span, a
+        // handler's root span with the message span filtered out) must
+        // not replace the message's context.
         #[cfg(feature = "opentelemetry")]
-        if let Some(cx) = otel::current_span() {
-            return Some(cx);
+        if let Some(span) = otel::current_span() {
+            if scoped
+                .as_ref()
+                .is_none_or(|cx| cx.trace_id == span.trace_id)
+            {
+                return Some(span);
+            }
         }
-        CURRENT.try_with(Clone::clone).ok().flatten()
+        scoped
     }
 
     /// Runs `fut` with `cx` as the [current](TraceContext::current)
@@ -347,6 +373,26 @@ mod tests {
         h.insert(TRACESTATE, "stale");
         cx.write_to(&mut h);
         assert_eq!(h.get(TRACESTATE), None);
+    }
+
+    #[test]
+    fn a_tracestate_outside_printable_ascii_is_dropped() {
+        for bad in ["a=b\0", "a=\u{e9}", "a=\nb"] {
+            let cx = TraceContext::parse(VALID, Some(bad)).unwrap();
+            assert_eq!(cx.state(), None, "{bad:?} kept");
+        }
+    }
+
+    #[test]
+    fn two_traceparents_are_ambiguous_and_tracestates_are_joined() {
+        let mut h = Headers::new();
+        h.insert(TRACEPARENT, VALID);
+        h.insert(TRACESTATE, "a=1");
+        h.insert(TRACESTATE, "b=2");
+        let cx = TraceContext::from_headers(&h).unwrap();
+        assert_eq!(cx.state(), Some("a=1,b=2"));
+        h.insert(TRACEPARENT, VALID);
+        assert_eq!(TraceContext::from_headers(&h), None);
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::headers::Headers;
-use crate::trace::{TraceContext, TRACEPARENT};
+use crate::trace::{TraceContext, TRACEPARENT, TRACESTATE};
 
 /// An event to publish to Kafka once its transaction commits.
 ///
@@ -151,8 +151,12 @@ impl OutboxEvent {
     pub(crate) fn stored_headers(&self, trace: Option<&TraceContext>) -> Headers {
         let mut h = self.headers.clone();
         if let Some(cx) = trace {
+            // An event's own trace headers win, each on its own.
             if h.get(TRACEPARENT).is_none() {
-                cx.write_to(&mut h);
+                h.set(TRACEPARENT, cx.traceparent());
+                if let (None, Some(state)) = (h.get(TRACESTATE), cx.state()) {
+                    h.set(TRACESTATE, state.as_bytes());
+                }
             }
         }
         if let Some(t) = &self.event_type {
