@@ -241,7 +241,7 @@ impl Transactional {
                 Class::Unsupported => {
                     // The transaction cannot end; drop the producer (a new
                     // one's init_transactions would abort it).
-                    self.open = false;
+                    self.abandon(abort_reason(&e));
                     return Err(PublishError::Unsupported(format!(
                         "commit_transaction: {}",
                         describe(&e)
@@ -278,7 +278,7 @@ impl Transactional {
                 PublishError::Fatal(detail)
             }
             Class::Unsupported => {
-                self.open = false;
+                self.abandon(abort_reason(&e));
                 PublishError::Unsupported(detail)
             }
             _ => match self.abort(abort_reason(&e)).await {

@@ -24,13 +24,16 @@ pub fn redact_url(url: &str) -> String {
     redact_parameters(&redact_userinfo(url))
 }
 
-/// The password of `scheme://user:password@...`, masked.
+/// The password of `scheme://user:password@...`, masked. The user info
+/// ends at the last `@` before the query (`?`) or fragment (`#`), so an
+/// `@` in a parameter is not taken for it.
 fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.rfind('@') else {
+    let before_query = rest.find(['?', '#']).map_or(rest, |q| &rest[..q]);
+    let Some(at) = before_query.rfind('@') else {
         return url.to_owned();
     };
     match rest[..at].find(':') {
@@ -44,19 +47,26 @@ fn redact_userinfo(url: &str) -> String {
     }
 }
 
-/// The value of every `...password=value` (up to `&`, `#` or white space),
-/// masked.
+/// The value of every `...password = value`, masked: `=` may have white
+/// space around it (libpq's key/value form); a value in single quotes
+/// runs to the closing quote (`\'` escapes one), any other up to `&`, `#`
+/// or white space in a URL, up to white space in libpq's key/value form.
 fn redact_parameters(text: &str) -> String {
-    const KEY: &str = "password=";
+    let url = text.contains("://");
+    const KEY: &str = "password";
     let lower = text.to_ascii_lowercase();
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut from = 0;
     while let Some(found) = lower[from..].find(KEY) {
-        let value = from + found + KEY.len();
-        let end = text[value..]
-            .find(|c: char| c == '&' || c == '#' || c.is_whitespace())
-            .map_or(text.len(), |n| value + n);
+        let after_key = from + found + KEY.len();
+        let eq = after_key + (text[after_key..].len() - text[after_key..].trim_start().len());
+        if !text[eq..].starts_with('=') {
+            from = after_key;
+            continue;
+        }
+        let value = eq + 1 + (text[eq + 1..].len() - text[eq + 1..].trim_start().len());
+        let end = value_end(text, value, url);
         out.push_str(&text[copied..value]);
         if end > value {
             out.push_str(MASK);
@@ -66,6 +76,26 @@ fn redact_parameters(text: &str) -> String {
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// Where the parameter value starting at `start` ends.
+fn value_end(text: &str, start: usize, url: bool) -> usize {
+    let value = &text[start..];
+    if let Some(quoted) = value.strip_prefix('\'') {
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '\'' => return start + 1 + i + 1,
+                _ => {}
+            }
+        }
+        return text.len();
+    }
+    value
+        .find(|c: char| c.is_whitespace() || (url && (c == '&' || c == '#')))
+        .map_or(text.len(), |n| start + n)
 }
 
 #[cfg(test)]
@@ -85,6 +115,9 @@ mod tests {
             "postgres://u:pw-7f3a@h/db?options=a@b",
             "host=h password=pw-7f3a dbname=db",
             "garbage password=pw-7f3a",
+            "host=h password = pw-7f3a dbname=db",
+            "host=h password='pw-7f3a and more' dbname=db",
+            "host=h password='it\\'s pw-7f3a' dbname=db",
         ] {
             let shown = redact_url(url);
             assert!(!shown.contains(secret), "{url} shown as {shown}");
@@ -94,5 +127,20 @@ mod tests {
             "postgres://h/db?password="
         );
         assert_eq!(redact_url("postgres://h/db?x=1"), "postgres://h/db?x=1");
+        // An `@` in a parameter is no user info: nothing hidden, nothing lost.
+        assert_eq!(
+            redact_url("postgres://h:5432/db?application_name=a@b"),
+            "postgres://h:5432/db?application_name=a@b"
+        );
+        assert_eq!(
+            redact_url("host=h password = 'a b' dbname=db"),
+            "host=h password = *** dbname=db"
+        );
+        assert_eq!(redact_url("passwords are secret"), "passwords are secret");
+        // In libpq's key/value form only white space ends a bare value.
+        assert_eq!(
+            redact_url("host=h password=ab#cd&ef dbname=db"),
+            "host=h password=*** dbname=db"
+        );
     }
 }
