@@ -67,6 +67,12 @@ pub struct ResetArgs {
     /// SASL...; repeatable).
     #[arg(long = "kafka-option", value_parser = txbox::kafka::parse_option, value_name = "KEY=VALUE")]
     pub kafka_options: Vec<(String, String)>,
+    /// The topic was deleted and created again: forget what was consumed on
+    /// the old log, so messages without an event id of their own (or every
+    /// message, for an inbox with offsets-only dedupe) at offsets the old
+    /// log had are applied, not skipped as replayed.
+    #[arg(long)]
+    pub new_log: bool,
     /// Apply the reset (otherwise only print it).
     #[arg(long)]
     pub execute: bool,
@@ -83,6 +89,9 @@ pub(crate) async fn run(pool: &PgPool, schema: &Schema, args: ResetArgs) -> anyh
     let mut reset = PositionReset::new(schema.clone(), &args.group, &args.topic, to);
     if !each && !args.partitions.is_empty() {
         reset = reset.partitions(args.partitions.iter().copied());
+    }
+    if args.new_log {
+        reset = reset.new_log();
     }
     let changes = if args.execute {
         reset.apply(pool).await?

@@ -33,7 +33,7 @@ use txbox_testkit::reference::{
 
 use crate::db::Backoff;
 use crate::inbox::{
-    BatchError, BatchHandler, EventIdSource, FailureAction, Handler, HandlerError, Inbox,
+    BatchError, BatchHandler, Dedupe, EventIdSource, FailureAction, Handler, HandlerError, Inbox,
     InboxBuilder, InboxMessage, RetryPolicy, StartFrom, Tx,
 };
 use crate::outbox::KeyOrder;
@@ -99,6 +99,11 @@ fn inbox_option(b: InboxBuilder, option: &str, default: &str) -> Documented<Inbo
             other => panic!("start_from: no StartFrom {other:?}"),
         })),
         "event_id" => Value(b.event_id(EventIdSource::headers(code_spans(default)))),
+        "dedupe" => Value(b.dedupe(match only(option, default) {
+            "Dedupe::EventIds" => Dedupe::EventIds,
+            "Dedupe::OffsetsOnly" => Dedupe::OffsetsOnly,
+            other => panic!("dedupe: no Dedupe {other:?}"),
+        })),
         "dedupe_retention" => Value(b.dedupe_retention(duration(only(option, default)))),
         "prune_interval" => Value(b.prune_interval(duration(only(option, default)))),
         "mirror_offsets_to_kafka" => off(

@@ -9,12 +9,13 @@
 //! for KIP-848 groups, whose session timeout the broker sets), CHAOS_NAME
 //! (the database sessions' `application_name`, recorded in the bank's
 //! `effects.applied_by`), CHAOS_OUTBOX_TOPIC (the topic of the staged
-//! events, default `balance-changed`).
+//! events, default `balance-changed`), CHAOS_DEDUPE (`event-ids`, the
+//! default, or `offsets-only`).
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use txbox::inbox::{Inbox, RetryPolicy};
+use txbox::inbox::{Dedupe, Inbox, RetryPolicy};
 use txbox::{Outbox, Schema};
 use txbox_tests::Bank;
 
@@ -77,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
         let session: u64 = session_ms.parse().context("CHAOS_SESSION_MS")?;
         builder = builder.transaction_idle_timeout(Duration::from_millis(session * 2 / 3));
     }
+    builder = builder.dedupe(match std::env::var("CHAOS_DEDUPE").as_deref() {
+        Ok("offsets-only") => Dedupe::OffsetsOnly,
+        Ok("event-ids") | Err(_) => Dedupe::EventIds,
+        Ok(other) => anyhow::bail!("CHAOS_DEDUPE: {other:?} is not event-ids or offsets-only"),
+    });
     let inbox = builder.build()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     inbox

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use futures::FutureExt as _;
 
-use super::commit::{Dedupe, Position};
+use super::commit::{IdInsert, Position};
 use super::config::StartFrom;
 use super::message::panic_message;
 use super::partition::PartitionWorker;
@@ -245,7 +245,7 @@ impl InboxContext {
         // claim fails with 55P03 and is retried (logged) until PostgreSQL
         // ends the zombie's idle transaction.
         let mut tx = s.pool.begin_with(s.sql.begin.clone()).await?;
-        let (next_offset, epoch): (i64, i64) = sqlx::query_as(&s.sql.claim)
+        let (next_offset, epoch, consumed_until): (i64, i64, i64) = sqlx::query_as(&s.sql.claim)
             .bind(&s.group)
             .bind(topic)
             .bind(partition)
@@ -260,6 +260,7 @@ impl InboxContext {
             partition,
             epoch,
             next_offset,
+            consumed_until,
         })
     }
 
@@ -283,7 +284,7 @@ impl InboxContext {
             committed: committed.clone(),
             last_taken: None,
             held: None,
-            dedupe: Dedupe::Optimistic,
+            id_insert: IdInsert::Optimistic,
         };
         let old = self.slots().insert(
             key,

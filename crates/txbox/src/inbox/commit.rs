@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use super::handler::{BatchHandler, Handler, HandlerError, Tx};
 use super::message::panic_message;
 use super::sql::Statements;
-use super::InboxMessage;
+use super::{Dedupe, InboxMessage};
 use crate::headers::Headers;
 use crate::trace::TraceContext;
 
@@ -41,6 +41,10 @@ pub(crate) struct Position {
     pub partition: i32,
     pub epoch: i64,
     pub next_offset: i64,
+    /// The partition's `consumed_until`: offsets below it were consumed on
+    /// this log ([`super::Dedupe`]). Above `next_offset` only after a replay
+    /// moved the position back.
+    pub consumed_until: i64,
 }
 
 /// What one transaction attempt did.
@@ -88,7 +92,7 @@ impl From<sqlx::Error> for Attempt {
 
 /// How a transaction records its event ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Dedupe {
+pub(crate) enum IdInsert {
     /// A plain insert, for batches expected to hold no id seen before (the
     /// steady state): one index insert per id. An id seen before fails it
     /// with a unique violation, and the batch is redone `Checked`.
@@ -104,6 +108,8 @@ pub(crate) struct Ctx<'a> {
     pub pool: &'a PgPool,
     pub sql: &'a Statements,
     pub group: &'a str,
+    /// What is recorded to drop duplicates.
+    pub dedupe: Dedupe,
     /// The transactions' `idle_in_transaction_session_timeout`.
     pub idle_timeout: std::time::Duration,
 }
@@ -115,10 +121,10 @@ pub(crate) async fn apply(
     route: &Route,
     pos: &Position,
     chunk: &[InboxMessage],
-    dedupe: Dedupe,
+    insert: IdInsert,
 ) -> Attempt {
     let started = std::time::Instant::now();
-    let attempt = match try_apply(ctx, route, pos, chunk, dedupe).await {
+    let attempt = match try_apply(ctx, route, pos, chunk, insert).await {
         Ok(a) | Err(a) => a,
     };
     idle_timed_out(attempt, started.elapsed(), ctx.idle_timeout)
@@ -166,7 +172,7 @@ async fn try_apply(
     route: &Route,
     pos: &Position,
     chunk: &[InboxMessage],
-    dedupe: Dedupe,
+    insert: IdInsert,
 ) -> Result<Attempt, Attempt> {
     let Some(last) = chunk.last() else {
         return Ok(Attempt::Committed {
@@ -190,15 +196,15 @@ async fn try_apply(
     let mut tx = begin(ctx).await?;
     crate::crash_point!("inbox.before_business_write");
 
-    let run = match record_ids(&mut tx, ctx, pos, chunk, dedupe).await {
+    let run = match record_ids(&mut tx, ctx, pos, chunk, insert).await {
         Ok(run) => run,
         // Only the plain insert of the ids ran: the batch holds an id seen
         // before (or twice). Nothing else happened; start over, checked.
-        Err(e) if dedupe == Dedupe::Optimistic && is_unique_violation(&e) => {
+        Err(e) if insert == IdInsert::Optimistic && is_unique_violation(&e) => {
             metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
             tx.rollback().await?;
             tx = begin(ctx).await?;
-            record_ids(&mut tx, ctx, pos, chunk, Dedupe::Checked).await?
+            record_ids(&mut tx, ctx, pos, chunk, IdInsert::Checked).await?
         }
         Err(e) => return Err(e.into()),
     };
@@ -258,45 +264,61 @@ async fn begin(ctx: Ctx<'_>) -> Result<Tx, sqlx::Error> {
 }
 
 /// Records the chunk's event ids as processed; returns the indexes of the
-/// messages whose handler runs (every one, when `Optimistic` succeeds).
+/// messages whose handler runs, ascending.
+///
+/// Only the ids [`Dedupe::records`] are inserted. A message whose id is
+/// not recorded runs unless the watermark covers it ([`Dedupe::covered`]):
+/// a redelivery of an offset this log already consumed, met only after a
+/// replay moved the position back.
 async fn record_ids(
     tx: &mut Tx,
     ctx: Ctx<'_>,
     pos: &Position,
     chunk: &[InboxMessage],
-    dedupe: Dedupe,
+    insert: IdInsert,
 ) -> Result<Vec<usize>, sqlx::Error> {
-    let ids: Vec<&str> = chunk.iter().map(|m| m.event_id.as_str()).collect();
-    let offsets: Vec<i64> = chunk.iter().map(|m| m.offset).collect();
-    let insert = |sql| {
-        sqlx::query(sql)
-            .bind(ctx.group)
-            .bind(&ids)
-            .bind(&*pos.topic)
-            .bind(pos.partition)
-            .bind(&offsets)
-    };
-    match dedupe {
-        Dedupe::Optimistic => {
-            insert(&ctx.sql.insert_new_processed)
-                .execute(&mut **tx)
-                .await?;
-            Ok((0..chunk.len()).collect())
-        }
-        Dedupe::Checked => {
-            let mut fresh = HashSet::new();
-            for row in insert(&ctx.sql.insert_processed)
-                .fetch_all(&mut **tx)
-                .await?
-            {
-                fresh.insert(row.try_get::<String, _>(0)?);
+    let recorded: Vec<&InboxMessage> = chunk.iter().filter(|m| ctx.dedupe.records(m)).collect();
+    let mut fresh = HashSet::new();
+    if !recorded.is_empty() {
+        let ids: Vec<&str> = recorded.iter().map(|m| m.event_id.as_str()).collect();
+        let offsets: Vec<i64> = recorded.iter().map(|m| m.offset).collect();
+        let query = |sql| {
+            sqlx::query(sql)
+                .bind(ctx.group)
+                .bind(&ids)
+                .bind(&*pos.topic)
+                .bind(pos.partition)
+                .bind(&offsets)
+        };
+        match insert {
+            IdInsert::Optimistic => {
+                query(&ctx.sql.insert_new_processed)
+                    .execute(&mut **tx)
+                    .await?;
+                fresh.extend(ids.iter().copied().map(str::to_owned));
             }
-            // First occurrence of each fresh id runs; the rest are duplicates.
-            Ok((0..chunk.len())
-                .filter(|&i| fresh.remove(chunk[i].event_id.as_str()))
-                .collect())
+            IdInsert::Checked => {
+                for row in query(&ctx.sql.insert_processed)
+                    .fetch_all(&mut **tx)
+                    .await?
+                {
+                    fresh.insert(row.try_get::<String, _>(0)?);
+                }
+            }
         }
     }
+    // The first occurrence of each fresh recorded id runs, the rest are
+    // duplicates; unrecorded ids run unless the watermark covers them.
+    Ok((0..chunk.len())
+        .filter(|&i| {
+            let m = &chunk[i];
+            if ctx.dedupe.records(m) {
+                fresh.remove(m.event_id.as_str())
+            } else {
+                !ctx.dedupe.covered(m, pos)
+            }
+        })
+        .collect())
 }
 
 /// True when `e` is a database error whose SQLSTATE satisfies `test`.
@@ -449,6 +471,7 @@ async fn reconcile(tx: &mut Tx, ctx: Ctx<'_>, pos: &Position) -> Result<Attempt,
 
 /// Moves the partition's stored position to `to` (fenced, in its own
 /// transaction): used when Kafka rewinds the partition to a recreated log.
+/// The watermark stays ([`super::Dedupe`]).
 pub(crate) async fn reposition(ctx: Ctx<'_>, pos: &Position, to: i64) -> Attempt {
     let attempt = async {
         let mut tx = begin(ctx).await?;
@@ -492,7 +515,7 @@ async fn try_dead_letter(
     let mut tx = begin(ctx).await?;
     // An id with a NUL cannot be stored (nor deduplicated): a replay of the
     // message is dead-lettered again.
-    if !m.event_id.contains('\0') {
+    if ctx.dedupe.records(m) && !m.event_id.contains('\0') {
         record_processed(&mut tx, ctx.sql, ctx.group, m).await?;
     }
     let rows = sqlx::query(&ctx.sql.dead_letter)

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::Dedupe;
 use crate::db::Backoff;
 use crate::error::{Error, Result};
 
@@ -80,6 +81,7 @@ pub(crate) struct Options {
     pub retry: RetryPolicy,
     pub on_failure: FailureAction,
     pub start_from: StartFrom,
+    pub dedupe: Dedupe,
     pub dedupe_retention: Duration,
     pub prune_interval: Duration,
     pub prune_batch: i64,
@@ -188,6 +190,7 @@ impl Default for Options {
             retry: RetryPolicy::default(),
             on_failure: FailureAction::DeadLetter,
             start_from: StartFrom::Earliest,
+            dedupe: Dedupe::default(),
             dedupe_retention: Duration::from_secs(14 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,

@@ -44,6 +44,9 @@ pub struct InboxMessage {
     pub(crate) headers: Headers,
     pub(crate) timestamp: Option<DateTime<Utc>>,
     pub(crate) event_id: String,
+    /// The event id is the position (no id was found): the offset watermark
+    /// dedupes it, it needs no `inbox_processed` row.
+    pub(crate) id_is_position: bool,
     /// Why the inbox refuses the message before any handler runs (see
     /// [`identify`]): it is dead-lettered at once, or stops the partition.
     pub(crate) rejected: Option<String>,
@@ -74,6 +77,7 @@ impl InboxMessage {
             headers: Headers::new(),
             timestamp: None,
             event_id: position_id(topic, partition, offset),
+            id_is_position: true,
             rejected: None,
         }
     }
@@ -99,6 +103,7 @@ impl InboxMessage {
     /// With this event id.
     pub fn with_event_id(mut self, id: impl Into<String>) -> Self {
         self.event_id = id.into();
+        self.id_is_position = false;
         self
     }
 
@@ -182,6 +187,8 @@ pub(crate) fn position_id(topic: &str, partition: i32, offset: i64) -> String {
 pub(crate) struct Identity {
     pub headers: Headers,
     pub event_id: String,
+    /// No id was found: `event_id` is the position.
+    pub id_is_position: bool,
     pub rejected: Option<String>,
 }
 
@@ -226,6 +233,7 @@ pub(crate) fn identify(
             }
         }
     };
+    let id_is_position = resolved.is_none();
     let event_id = resolved.unwrap_or_else(position);
     if rejected.is_none() && event_id.contains('\0') {
         rejected = Some(
@@ -237,6 +245,7 @@ pub(crate) fn identify(
     Identity {
         headers,
         event_id,
+        id_is_position,
         rejected,
     }
 }

@@ -3,7 +3,8 @@
 //! For each batch of one partition, one database transaction holds:
 //!
 //! 1. the event ids, inserted into `inbox_processed` (ids seen before are
-//!    skipped without running the handler);
+//!    skipped without running the handler; a message whose id is its
+//!    position needs no row, see [`Dedupe`]);
 //! 2. the handler's business writes and staged outbox events;
 //! 3. the offset advance in `inbox_offsets`, conditional on this consumer's
 //!    epoch and on the offset it expects (the fence);
@@ -31,6 +32,7 @@ mod assignment;
 mod commit;
 mod config;
 mod dead_letters;
+mod dedupe;
 mod event_id;
 mod handler;
 mod message;
@@ -44,6 +46,7 @@ mod sql;
 
 pub use config::{FailureAction, RetryPolicy, StartFrom};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetters};
+pub use dedupe::Dedupe;
 pub use event_id::EventIdSource;
 pub use handler::{BatchError, BatchHandler, Handler, HandlerError, Tx};
 pub use message::{DecodeError, InboxMessage};

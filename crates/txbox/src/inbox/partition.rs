@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::commit::{self, sqlstate_is, Attempt, Ctx, Dedupe, Failure, Position, Route};
+use super::commit::{self, sqlstate_is, Attempt, Ctx, Failure, IdInsert, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
 use super::message::position_id;
@@ -54,7 +54,7 @@ pub(crate) struct PartitionWorker {
     pub held: Option<InboxMessage>,
     /// `Optimistic` while batches hold only new event ids; `Checked` after
     /// one held duplicates (a replay tends to go on), until one holds none.
-    pub dedupe: Dedupe,
+    pub id_insert: IdInsert,
 }
 
 impl PartitionWorker {
@@ -95,6 +95,7 @@ impl PartitionWorker {
     /// Records that Postgres now holds `next` as the partition's position.
     fn advance_to(&mut self, next: i64) {
         self.pos.next_offset = next;
+        self.pos.consumed_until = self.pos.consumed_until.max(next);
         self.committed.store(next, Ordering::Relaxed);
     }
 
@@ -115,6 +116,7 @@ impl PartitionWorker {
             pool: &self.shared.pool,
             sql: &self.shared.sql,
             group: &self.shared.group,
+            dedupe: self.shared.opts.dedupe,
             idle_timeout: self.shared.opts.waits.idle,
         }
     }
@@ -225,11 +227,16 @@ impl PartitionWorker {
             "Kafka rewound the partition (auto.offset.reset): its log was recreated or \
              truncated, or the position was set past its end; moving the stored position \
              back to follow it (event ids already processed are still skipped)");
-        if head.event_id == position_id(&head.topic, head.partition, first) {
+        if first < self.pos.consumed_until
+            && (!self.shared.opts.dedupe.records(head)
+                || head.event_id == position_id(&head.topic, head.partition, first))
+        {
             tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
-                "this partition's event ids are its positions (no id header or extractor): \
-                 messages of the new log at offsets the old log used will be skipped as \
-                 already processed");
+                consumed_until = self.pos.consumed_until,
+                "messages without an event id of their own (or all, with Dedupe::OffsetsOnly) \
+                 at offsets below consumed_until are taken as consumed: if this log is new \
+                 (the topic was recreated), stop the group and run `txbox offsets reset \
+                 --new-log` to apply them");
         }
         self.bookkeep(Bookkeeping::Reposition(first)).await?;
         Ok(())
@@ -287,7 +294,7 @@ impl PartitionWorker {
                 first_offset = chunk.first().map_or(last, InboxMessage::offset),
                 last_offset = last, messages = chunk.len(), outcome = tracing::field::Empty);
             let started = Instant::now();
-            let attempt = commit::apply(self.ctx(), &self.route, &self.pos, chunk, self.dedupe)
+            let attempt = commit::apply(self.ctx(), &self.route, &self.pos, chunk, self.id_insert)
                 .instrument(span.clone())
                 .await;
             span.record("outcome", attempt.outcome());
@@ -300,10 +307,10 @@ impl PartitionWorker {
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("txbox_inbox_batch_size").record(chunk.len() as f64);
                     self.advance_to(last + 1);
-                    self.dedupe = if duplicates > 0 {
-                        Dedupe::Checked
+                    self.id_insert = if duplicates > 0 {
+                        IdInsert::Checked
                     } else {
-                        Dedupe::Optimistic
+                        IdInsert::Optimistic
                     };
                     metrics::counter!("txbox_inbox_messages_total", "outcome" => "applied")
                         .increment(applied as u64);

@@ -51,8 +51,12 @@ pub struct PositionChange {
 /// restarts or the group rebalances. So, as with Kafka's tool, stop the
 /// group's consumers first.
 ///
-/// Replaying is safe: event ids already processed are skipped, so a replay
-/// changes nothing unless the dedupe window has expired. A position past
+/// Replaying is safe: event ids already processed are skipped, and so are
+/// messages without an id of their own at offsets the group consumed
+/// before (the partition's `consumed_until` watermark stays where it was;
+/// see [`Dedupe`](super::Dedupe)), so a replay changes nothing unless the
+/// dedupe window of the ids has expired. After a topic was deleted and
+/// recreated, say so with [`new_log`](Self::new_log). A position past
 /// the end of the log is out of range for Kafka: the consumer then follows
 /// `auto.offset.reset` (`earliest` by default, so the retained log is read
 /// again through dedupe), as after a recreated topic. The `txbox offsets
@@ -84,6 +88,7 @@ pub struct PositionReset {
     topic: String,
     partitions: Option<Vec<i32>>,
     to: ResetTo,
+    new_log: bool,
 }
 
 impl PositionReset {
@@ -100,6 +105,7 @@ impl PositionReset {
             topic: topic.into(),
             partitions: None,
             to,
+            new_log: false,
         }
     }
 
@@ -107,6 +113,23 @@ impl PositionReset {
     #[must_use]
     pub fn partitions(mut self, partitions: impl IntoIterator<Item = i32>) -> Self {
         self.partitions = Some(partitions.into_iter().collect());
+        self
+    }
+
+    /// The partitions' logs are new (the topic was deleted and created
+    /// again): forget what was consumed on the old ones.
+    ///
+    /// Each partition's `consumed_until` watermark moves with its position.
+    /// Without this, a reset keeps it, so that a replay of offsets already
+    /// consumed applies nothing twice: a message whose event id is its
+    /// position (no id header), or any message with
+    /// [`Dedupe::OffsetsOnly`](super::Dedupe::OffsetsOnly), at an offset
+    /// below the watermark is taken as a redelivery and skipped. On a new
+    /// log those offsets hold new messages: this applies them. Messages
+    /// with ids of their own are still deduplicated by their ids.
+    #[must_use]
+    pub fn new_log(mut self) -> Self {
+        self.new_log = true;
         self
     }
 
@@ -192,6 +215,19 @@ impl PositionReset {
         .bind(&each_offsets)
         .fetch_all(&mut *conn)
         .await?;
+        if self.new_log {
+            // The watermark starts at the new position: nothing of the new
+            // log is consumed yet.
+            sqlx::query(&format!(
+                "UPDATE {offsets} SET consumed_until = next_offset
+                 WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)"
+            ))
+            .bind(&self.group)
+            .bind(&self.topic)
+            .bind(rows.iter().map(|r| r.0).collect::<Vec<i32>>())
+            .execute(&mut *conn)
+            .await?;
+        }
         let missing: Vec<i32> = match &partitions {
             Some(wanted) => {
                 let mut missing: Vec<i32> = wanted

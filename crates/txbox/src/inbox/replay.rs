@@ -23,6 +23,7 @@ use sqlx::Row as _;
 use tokio_util::sync::CancellationToken;
 
 use super::commit::{record_processed, run_handler};
+use super::message::position_id;
 use super::shared::Shared;
 use super::InboxMessage;
 use crate::headers::Headers;
@@ -76,7 +77,7 @@ async fn replay_one(shared: &Shared, topics: &[String]) -> Result<bool, sqlx::Er
             return Ok(true);
         }
     };
-    let msg = InboxMessage {
+    let mut msg = InboxMessage {
         topic: shared
             .routes
             .get_key_value(topic.as_str())
@@ -88,17 +89,21 @@ async fn replay_one(shared: &Shared, topics: &[String]) -> Result<bool, sqlx::Er
         headers,
         timestamp: None,
         event_id: row.try_get("event_id")?,
+        id_is_position: false,
         rejected: None,
     };
+    msg.id_is_position = msg.event_id == position_id(&msg.topic, msg.partition, msg.offset);
     let Some(route) = shared.routes.get(&*msg.topic) else {
         tx.commit().await?;
         return Ok(false);
     };
-    sqlx::query(&sql.replay_forget)
-        .bind(&shared.group)
-        .bind(&msg.event_id)
-        .execute(&mut *tx)
-        .await?;
+    if shared.opts.dedupe.records(&msg) {
+        sqlx::query(&sql.replay_forget)
+            .bind(&shared.group)
+            .bind(&msg.event_id)
+            .execute(&mut *tx)
+            .await?;
+    }
     let chunk = [msg];
     let failure = match run_handler(&mut tx, &shared.group, route, &chunk, &[0]).await {
         Ok(()) => None,
@@ -113,7 +118,9 @@ async fn replay_one(shared: &Shared, topics: &[String]) -> Result<bool, sqlx::Er
         }
         return Ok(true);
     }
-    record_processed(&mut tx, sql, &shared.group, &chunk[0]).await?;
+    if shared.opts.dedupe.records(&chunk[0]) {
+        record_processed(&mut tx, sql, &shared.group, &chunk[0]).await?;
+    }
     let deleted = sqlx::query(&sql.replay_done)
         .bind(id)
         .execute(&mut *tx)

@@ -20,7 +20,7 @@ use super::handler::{BatchHandler, Handler};
 use super::message::{identify, position_id, Identity};
 use super::shared::Shared;
 use super::sql::Statements;
-use super::{EventIdSource, InboxMessage};
+use super::{Dedupe, EventIdSource, InboxMessage};
 use crate::error::{Error, Result};
 use crate::headers::Headers;
 use crate::schema::{Migrator, Schema};
@@ -205,6 +205,7 @@ impl Inbox {
         let Identity {
             headers,
             event_id,
+            id_is_position,
             rejected,
         } = identify(
             &self.event_ids,
@@ -228,6 +229,7 @@ impl Inbox {
                 .to_millis()
                 .and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
             event_id,
+            id_is_position,
             rejected,
         }
     }
@@ -410,6 +412,14 @@ impl InboxBuilder {
     /// Where event ids come from (default: `ce_id`, then `txbox-event-id`).
     pub fn event_id(mut self, source: EventIdSource) -> Self {
         self.event_ids = source;
+        self
+    }
+
+    /// What the inbox records to drop duplicates (default
+    /// [`Dedupe::EventIds`]). [`Dedupe::OffsetsOnly`] keeps no event ids,
+    /// only each partition's position: read its safety conditions first.
+    pub fn dedupe(mut self, dedupe: Dedupe) -> Self {
+        self.opts.dedupe = dedupe;
         self
     }
 

@@ -14,7 +14,7 @@ pub(crate) struct Statements {
     /// its row at $4, or gives it a new epoch. Either way the epoch is the
     /// next value of the `inbox_epochs` sequence, never given out before: a
     /// zombie's epoch cannot match it, even after the row was deleted and
-    /// created again. Returns (next_offset, epoch).
+    /// created again. Returns (next_offset, epoch, consumed_until).
     pub claim: String,
     /// Inserts event ids; returns the ones not seen before.
     pub insert_processed: String,
@@ -23,7 +23,8 @@ pub(crate) struct Statements {
     pub insert_new_processed: String,
     /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
     /// $5 epoch, $6 expected next_offset; adds $7 applied, $8 duplicates
-    /// and $9 dead-lettered to the partition's totals.
+    /// and $9 dead-lettered to the partition's totals; `consumed_until`
+    /// rises to $1 if below it.
     pub advance: String,
     /// Inserts one dead letter. Plain: nothing about a dead letter is
     /// unique but its id, and the caller checks that one row was written.
@@ -59,11 +60,12 @@ impl Statements {
                  WHERE consumer_group = $1 AND topic = $2 AND partition = $3"
             ),
             claim: format!(
-                "INSERT INTO {offsets} AS o (consumer_group, topic, partition, next_offset, epoch, owner)
-                 VALUES ($1, $2, $3, $4, nextval($6::regclass), $5)
+                "INSERT INTO {offsets} AS o (consumer_group, topic, partition, next_offset, consumed_until,
+                                          epoch, owner)
+                 VALUES ($1, $2, $3, $4, $4, nextval($6::regclass), $5)
                  ON CONFLICT (consumer_group, topic, partition) DO UPDATE
                  SET epoch = greatest(EXCLUDED.epoch, o.epoch + 1), owner = EXCLUDED.owner, assigned_at = now()
-                 RETURNING next_offset, epoch"
+                 RETURNING next_offset, epoch, consumed_until"
             ),
             insert_processed: format!(
                 "{insert_new_processed}
@@ -74,7 +76,8 @@ impl Statements {
             advance: format!(
                 "UPDATE {offsets} SET next_offset = $1, updated_at = now(),
                         applied = applied + $7, duplicates = duplicates + $8,
-                        dead_lettered = dead_lettered + $9
+                        dead_lettered = dead_lettered + $9,
+                        consumed_until = greatest(consumed_until, $1)
                  WHERE consumer_group = $2 AND topic = $3 AND partition = $4
                    AND epoch = $5 AND next_offset = $6"
             ),

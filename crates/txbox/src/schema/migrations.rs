@@ -73,4 +73,9 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "inbox_totals",
         sql: include_str!("../../../../migrations/0010_inbox_totals.sql"),
     },
+    Migration {
+        version: 11,
+        name: "inbox_consumed_until",
+        sql: include_str!("../../../../migrations/0011_inbox_consumed_until.sql"),
+    },
 ];
