@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
-use txbox::inbox::{BatchError, BatchHandler, Inbox, InboxMessage, Tx};
+use txbox::inbox::{BatchError, BatchHandler, Dedupe, Inbox, InboxMessage, Tx};
 use txbox::{Outbox, OutboxEvent, Schema};
 
 use crate::ceiling::BenchDb;
@@ -27,30 +27,68 @@ impl BatchHandler for Settle {
                 .map_err(|_| BatchError::at(i, m.decode_error("not an account id", None)))?;
             ids.push(id);
         }
-        sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut **tx)
-            .await?;
-        let events = ids.iter().map(|id| {
-            OutboxEvent::new("out", &br#"{"kind":"PaymentSettled","amount":100}"#[..])
-                .key(id.to_string())
-        });
-        self.outbox.stage_all(tx, events).await?;
+        settle(tx, &self.outbox, &ids).await?;
         Ok(())
     }
+}
+
+/// The business work per batch, the same for the inbox, the hand-written
+/// baseline and the ceilings: one `account` update per message (set-based)
+/// and one outbox event per message, staged in one round trip.
+pub(crate) async fn settle(
+    tx: &mut Tx,
+    outbox: &Outbox,
+    accounts: &[i32],
+) -> Result<(), txbox::Error> {
+    sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
+        .bind(accounts)
+        .execute(&mut **tx)
+        .await?;
+    let events = accounts.iter().map(|id| {
+        OutboxEvent::new("out", &br#"{"kind":"PaymentSettled","amount":100}"#[..])
+            .key(id.to_string())
+    });
+    outbox.stage_all(tx, events).await?;
+    Ok(())
 }
 
 /// What one inbox run measured.
 pub(crate) struct InboxRun {
     /// The inbox, messages/s.
     pub inbox: f64,
+    /// The hand-written consumer ([`crate::baseline`]) on the same topic,
+    /// messages/s.
+    pub hand_written: f64,
     /// A plain consumer reading the same topic with no database work,
     /// messages/s: how fast the broker delivers it at all.
     pub consume_only: f64,
 }
 
+/// A pre-filled topic.
+pub(crate) struct Filled {
+    pub topic: String,
+    pub messages: usize,
+}
+
+/// Fills a fresh topic of `partitions` partitions with `n` messages, each
+/// an account id out of 100,000, round-robin over the partitions; with
+/// `ids`, each carries a random `ce_id`, otherwise none (its event id is
+/// then its position).
+pub(crate) async fn filled(
+    bootstrap: &str,
+    partitions: usize,
+    n: usize,
+    ids: bool,
+) -> anyhow::Result<Filled> {
+    let broker = txbox_testkit::Broker::at(bootstrap);
+    let topic = broker.topic("bench-in", partitions as i32).await;
+    fill(bootstrap, &topic, n, partitions, ids).await?;
+    Ok(Filled { topic, messages: n })
+}
+
 /// Fills a fresh topic with `n` messages, reads it once with a plain
-/// consumer, then consumes it with the inbox.
+/// consumer, then consumes it with the hand-written consumer and with the
+/// inbox.
 pub(crate) async fn run(
     db: &BenchDb,
     bootstrap: &str,
@@ -58,23 +96,59 @@ pub(crate) async fn run(
     n: usize,
     key_order: txbox::outbox::KeyOrder,
 ) -> anyhow::Result<InboxRun> {
-    let broker = txbox_testkit::Broker::at(bootstrap);
-    let topic = broker.topic("bench-in", shape.partitions as i32).await;
-    fill(bootstrap, &topic, n, shape.partitions).await?;
-    let consume_only = consume_only(bootstrap, &topic, n).await?;
-    let group = txbox_testkit::unique_name("bench");
+    let input = filled(bootstrap, shape.partitions, n, true).await?;
+    let consume_only = consume_only(bootstrap, &input.topic, n).await?;
+    let hand_written = crate::baseline::run(
+        &db.pool,
+        bootstrap,
+        &input.topic,
+        shape.partitions,
+        shape.batch,
+        n,
+    )
+    .await?;
+    let inbox = inbox(
+        db,
+        bootstrap,
+        &input,
+        shape.batch,
+        key_order,
+        Dedupe::EventIds,
+        None,
+    )
+    .await?;
+    Ok(InboxRun {
+        inbox,
+        hand_written,
+        consume_only,
+    })
+}
 
+/// Consumes `input` with a txbox inbox (`group`, or a new one); returns
+/// messages/s from its first commit to the last.
+pub(crate) async fn inbox(
+    db: &BenchDb,
+    bootstrap: &str,
+    input: &Filled,
+    batch: usize,
+    key_order: txbox::outbox::KeyOrder,
+    dedupe: Dedupe,
+    group: Option<&str>,
+) -> anyhow::Result<f64> {
+    let n = input.messages;
+    let group = group.map_or_else(|| txbox_testkit::unique_name("bench"), str::to_owned);
     let stop = CancellationToken::new();
     let inbox = Inbox::builder(db.pool.clone())
         .brokers(bootstrap)
         .group_id(&group)
         .batch_handler(
-            &topic,
+            &input.topic,
             Settle {
                 outbox: Outbox::new(Schema::default()).key_order(key_order),
             },
         )
-        .batch_size(shape.batch)
+        .batch_size(batch)
+        .dedupe(dedupe)
         .build()?;
     let s = stop.clone();
     let launched = Instant::now();
@@ -84,9 +158,11 @@ pub(crate) async fn run(
     let mut first: Option<(Instant, i64)> = None;
     let started = loop {
         let consumed: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets WHERE consumer_group = $1",
+            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets
+             WHERE consumer_group = $1 AND topic = $2",
         )
         .bind(&group)
+        .bind(&input.topic)
         .fetch_one(&db.pool)
         .await?;
         if consumed > 0 && first.is_none() {
@@ -98,20 +174,21 @@ pub(crate) async fn run(
         if launched.elapsed() > Duration::from_secs(600) {
             anyhow::bail!("inbox consumed only {consumed} of {n} in 10 minutes");
         }
+        if task.is_finished() {
+            task.await??;
+            anyhow::bail!("the inbox stopped at {consumed} of {n}");
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let elapsed = started.0.elapsed();
     stop.cancel();
     task.await??;
-    Ok(InboxRun {
-        inbox: (n as i64 - started.1) as f64 / elapsed.as_secs_f64(),
-        consume_only,
-    })
+    Ok((n as i64 - started.1) as f64 / elapsed.as_secs_f64())
 }
 
 /// Reads all `n` messages of `topic` with a plain consumer (no group, no
 /// database); returns messages/s from assignment to the last message.
-async fn consume_only(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
+pub(crate) async fn consume_only(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<f64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
@@ -141,7 +218,13 @@ async fn consume_only(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<
     .await?
 }
 
-async fn fill(bootstrap: &str, topic: &str, n: usize, partitions: usize) -> anyhow::Result<()> {
+async fn fill(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    partitions: usize,
+    ids: bool,
+) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
@@ -155,14 +238,17 @@ async fn fill(bootstrap: &str, topic: &str, n: usize, partitions: usize) -> anyh
         rng_state ^= rng_state << 17;
         let account = (rng_state % 100_000 + 1).to_string();
         let id = uuid::Uuid::new_v4().to_string();
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: "ce_id",
-            value: Some(&id),
-        });
         let mut record = FutureRecord::<(), _>::to(topic)
             .payload(&account)
-            .partition((i % partitions) as i32)
-            .headers(headers);
+            .partition((i % partitions) as i32);
+        if ids {
+            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
+                rdkafka::message::Header {
+                    key: "ce_id",
+                    value: Some(&id),
+                },
+            ));
+        }
         loop {
             match producer.send_result(record) {
                 Ok(f) => break pending.push(f),

@@ -5,7 +5,16 @@
 //! txbox-bench inbox [--messages N] [--seconds S] [--rounds R] [--shape BATCHxPARTITIONS]...
 //!                   [--key-order first-write|commit]
 //! txbox-bench relay [--mode exactly-once|at-least-once] [--events N] [--batch-size B] ...
+//! txbox-bench dedupe [--prefill N]... [--messages N] [--rounds R] [--shape BATCHxPARTITIONS]
+//! txbox-bench backlog [--backlog N] [--reference N] [--rate R] [--after S] [--csv FILE]
 //! ```
+//!
+//! `backlog`: the relay draining a large backlog while staging goes on,
+//! against a small drain, and the outbox's size over the run (see the
+//! `backlog` module).
+//!
+//! `dedupe`: the inbox as its dedupe state grows, with each dedupe mode,
+//! against the hand-written consumer (see the `dedupe` module).
 //!
 //! `relay`: the relay draining a pre-filled outbox against plain Kafka
 //! producers, and its latency at a steady rate (see the `relay` module).
@@ -23,9 +32,13 @@
 //!    and, when `pgbench` is installed, that same reference SQL run by
 //!    pgbench as `shared/bench/pg-ceiling` does (simple protocol: each
 //!    statement parsed per execution, hence lower than the sqlx loop);
-//! 2. the inbox: a topic pre-filled with N messages, consumed by a txbox
-//!    inbox whose batch handler does the same business update and stages the
-//!    same outbox rows;
+//! 2. the hand-written consumer a team would write from the common advice
+//!    (the `baseline` module: Kafka-committed offsets, a processed-events
+//!    table with `ON CONFLICT DO NOTHING`), on a topic pre-filled with N
+//!    messages, doing the same business update and staging the same outbox
+//!    rows, at the same batch size, one task per partition;
+//! 3. the inbox on the same topic: a txbox inbox whose batch handler does
+//!    the same work;
 //!
 //! and prints messages/s for each, the ratios, and *consume-only*: a plain
 //! consumer reading the same topic with no database work, the most any
@@ -40,7 +53,10 @@
 //! starts one), given before or after the subcommand. Figures go to
 //! stdout, logs (`RUST_LOG`, default `warn`) to stderr.
 
+mod backlog;
+mod baseline;
 mod ceiling;
+mod dedupe;
 mod inbox;
 mod pgbench;
 mod relay;
@@ -92,6 +108,12 @@ enum What {
     /// The relay against plain transactional and idempotent producers,
     /// and its latency at a steady rate.
     Relay(relay::Args),
+    /// The inbox as its dedupe state grows, each dedupe mode, against the
+    /// hand-written consumer.
+    Dedupe(dedupe::Args),
+    /// The relay draining a large backlog while staging goes on, and the
+    /// outbox's size over the run.
+    Backlog(backlog::Args),
 }
 
 /// `txbox::outbox::KeyOrder`, as a command-line value.
@@ -121,6 +143,7 @@ pub(crate) struct Shape {
 #[derive(Debug, Clone, Copy)]
 struct Round {
     inbox: f64,
+    hand_written: f64,
     same: f64,
     reference: f64,
     pgbench: f64,
@@ -130,8 +153,10 @@ struct Round {
 impl Round {
     fn print(&self, label: &str) {
         println!(
-            "{label:<33} {:>9.0} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
+            "{label:<33} {:>9.0} {:>12.0} {:>6.2} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
             self.inbox,
+            self.hand_written,
+            self.inbox / self.hand_written,
             self.same,
             self.inbox / self.same,
             self.reference,
@@ -145,8 +170,10 @@ impl Round {
     fn print_median(label: &str, rounds: &[Round]) {
         let m = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
         println!(
-            "{label:<33} {:>9.0} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
+            "{label:<33} {:>9.0} {:>12.0} {:>6.2} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
             m(&|r| r.inbox),
+            m(&|r| r.hand_written),
+            m(&|r| r.inbox / r.hand_written),
             m(&|r| r.same),
             m(&|r| r.inbox / r.same),
             m(&|r| r.reference),
@@ -159,7 +186,7 @@ impl Round {
 }
 
 /// The median (NaN-safe: NaNs sort last).
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -172,7 +199,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn parse_shape(s: &str) -> Result<Shape, String> {
+pub(crate) fn parse_shape(s: &str) -> Result<Shape, String> {
     let (b, p) = s
         .split_once('x')
         .ok_or_else(|| format!("expected BATCHxPARTITIONS, got {s:?}"))?;
@@ -217,9 +244,11 @@ async fn main() -> anyhow::Result<()> {
             );
             let pgbench = pgbench::find();
             println!(
-                "{:<33} {:>9} {:>10} {:>6} {:>11} {:>6} {:>9} {:>6} {:>12}",
+                "{:<33} {:>9} {:>12} {:>6} {:>10} {:>6} {:>11} {:>6} {:>9} {:>6} {:>12}",
                 "scenario",
                 "inbox",
+                "hand-written",
+                "ratio",
                 "txbox SQL",
                 "ratio",
                 "ref. (sqlx)",
@@ -274,6 +303,7 @@ async fn main() -> anyhow::Result<()> {
                     let run = inbox::run(&db, bootstrap, shape, n.max(1000), order).await?;
                     let row = Round {
                         inbox: run.inbox,
+                        hand_written: run.hand_written,
                         same,
                         reference,
                         pgbench: pg,
@@ -289,6 +319,8 @@ async fn main() -> anyhow::Result<()> {
             db.drop_db().await?;
         }
         What::Relay(args) => relay::run(&args, &opt.database_url, bootstrap).await?,
+        What::Dedupe(args) => dedupe::run(&args, &opt.database_url, bootstrap).await?,
+        What::Backlog(args) => backlog::run(&args, &opt.database_url, bootstrap).await?,
     }
     Ok(())
 }

@@ -237,7 +237,12 @@ async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()>
 
 /// Server-side generated rows, in transactions of 10,000: keys `k0..k999`,
 /// a payload of `bytes` bytes, headers as `Outbox::stage` writes them.
-async fn prefill(pool: &PgPool, topic: &str, events: usize, bytes: usize) -> anyhow::Result<()> {
+pub(crate) async fn prefill(
+    pool: &PgPool,
+    topic: &str,
+    events: usize,
+    bytes: usize,
+) -> anyhow::Result<()> {
     const CHUNK: usize = 10_000;
     let mut start = 0usize;
     while start < events {

@@ -323,10 +323,15 @@ impl StreamTask {
         let stream = self.stream;
         tokio::spawn(async move {
             let mut pruned_upto = Position::START;
+            // A round that deleted its most leaves rows behind (a drained
+            // backlog): the next one starts at once, not an interval later.
+            let mut behind = false;
             loop {
+                let wait = if behind { Duration::ZERO } else { interval };
+                behind = false;
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
                 let Some((token, upto)) = *rx.borrow_and_update() else {
                     continue;
@@ -375,6 +380,8 @@ impl StreamTask {
                         }
                         if n < PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner) {
                             pruned_upto = upto;
+                        } else {
+                            behind = true;
                         }
                     }
                     Err(e) => tracing::warn!(stream, error = %e, "prune failed; retrying later"),
