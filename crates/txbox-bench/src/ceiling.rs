@@ -51,6 +51,16 @@ impl BenchDb {
         })
     }
 
+    /// A second pool on the same database, as another service instance
+    /// would have.
+    pub(crate) async fn pool_like(&self) -> anyhow::Result<PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(16)
+            .test_before_acquire(false)
+            .connect(&self.url)
+            .await?)
+    }
+
     /// Adds the tables of the ceiling runs and the inbox's handler.
     pub(crate) async fn add_ceiling(&self) -> anyhow::Result<()> {
         // The pg-ceiling schema, in its own schema; `account` is shared with

@@ -28,7 +28,7 @@ use txbox::inbox::Dedupe;
 use txbox::outbox::KeyOrder;
 
 use crate::ceiling::BenchDb;
-use crate::inbox::{filled, inbox};
+use crate::inbox::{filled, inbox, Consumers, Ids};
 use crate::{median, Shape};
 
 /// The group whose dedupe state is pre-filled.
@@ -48,6 +48,11 @@ pub(crate) struct Args {
     /// The shape, `BATCHxPARTITIONS`.
     #[arg(long, value_parser = crate::parse_shape, default_value = "100x4")]
     shape: Shape,
+    /// The inputs' event ids, and the pre-filled ones: random (UUID v4)
+    /// or time-ordered (as UUID v7: the pre-filled ids sort before every
+    /// new one, as older events' ids do).
+    #[arg(long, value_enum, default_value_t = Ids::Random)]
+    ids: Ids,
     /// Write each size's medians (prefill, both tables' MB, the four
     /// variants' messages/s) to this CSV file.
     #[arg(long)]
@@ -71,8 +76,8 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
         .await?;
     let shape = args.shape;
     println!(
-        "txbox-bench dedupe: database {}, broker {bootstrap}, {} messages per run, batch {}, {} partitions",
-        db.name, args.messages, shape.batch, shape.partitions
+        "txbox-bench dedupe: database {}, broker {bootstrap}, {} messages per run, batch {}, {} partitions, ids {:?}",
+        db.name, args.messages, shape.batch, shape.partitions, args.ids
     );
     println!(
         "{:>11} {:>9} {:>9} {:>9} | {:>12} {:>9} {:>6} {:>9} {:>6} {:>12} {:>6}",
@@ -95,13 +100,13 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
     for &size in &args.prefill {
         anyhow::ensure!(size >= filled_to, "--prefill sizes must ascend");
         let t = Instant::now();
-        prefill(&db.pool, filled_to, size).await?;
+        prefill(&db.pool, filled_to, size, args.ids).await?;
         filled_to = size;
         let fill_s = t.elapsed().as_secs_f64();
         let (txbox_mb, hand_mb) = sizes(&db.pool).await?;
         let mut rounds = Vec::new();
         for _ in 0..args.rounds {
-            let with_ids = filled(bootstrap, shape.partitions, args.messages, true).await?;
+            let with_ids = filled(bootstrap, shape.partitions, args.messages, args.ids).await?;
             let hand_written = crate::baseline::run(
                 &db.pool,
                 bootstrap,
@@ -115,31 +120,40 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 &db,
                 bootstrap,
                 &with_ids,
-                shape.batch,
-                KeyOrder::FirstWrite,
-                Dedupe::EventIds,
-                Some(GROUP),
+                Consumers {
+                    batch: shape.batch,
+                    key_order: KeyOrder::FirstWrite,
+                    dedupe: Dedupe::EventIds,
+                    group: Some(GROUP),
+                    instances: 1,
+                },
             )
             .await?;
             let offsets_only = inbox(
                 &db,
                 bootstrap,
                 &with_ids,
-                shape.batch,
-                KeyOrder::FirstWrite,
-                Dedupe::OffsetsOnly,
-                None,
+                Consumers {
+                    batch: shape.batch,
+                    key_order: KeyOrder::FirstWrite,
+                    dedupe: Dedupe::OffsetsOnly,
+                    group: None,
+                    instances: 1,
+                },
             )
             .await?;
-            let without = filled(bootstrap, shape.partitions, args.messages, false).await?;
+            let without = filled(bootstrap, shape.partitions, args.messages, Ids::None).await?;
             let positions = inbox(
                 &db,
                 bootstrap,
                 &without,
-                shape.batch,
-                KeyOrder::FirstWrite,
-                Dedupe::EventIds,
-                Some(GROUP),
+                Consumers {
+                    batch: shape.batch,
+                    key_order: KeyOrder::FirstWrite,
+                    dedupe: Dedupe::EventIds,
+                    group: Some(GROUP),
+                    instances: 1,
+                },
             )
             .await?;
             let r = Round {
@@ -197,7 +211,7 @@ fn print_row(label: &str, txbox_mb: f64, hand_mb: f64, fill_s: f64, r: &Round) {
 /// Adds ids `from..to` to both dedupe tables. Their primary keys are
 /// dropped for the load and built again after it (a sorted build, far
 /// faster than 50 M random inserts); the result is the same index.
-async fn prefill(pool: &PgPool, from: u64, to: u64) -> anyhow::Result<()> {
+async fn prefill(pool: &PgPool, from: u64, to: u64, ids: Ids) -> anyhow::Result<()> {
     if to == from {
         return Ok(());
     }
@@ -208,26 +222,38 @@ async fn prefill(pool: &PgPool, from: u64, to: u64) -> anyhow::Result<()> {
     )
     .execute(pool)
     .await?;
+    // A random UUID, or one whose first 48 bits are a time in the last 13
+    // days in milliseconds, as UUID v7 lays them out: it sorts before any
+    // id made now.
+    let id = if ids == Ids::TimeOrdered {
+        "(SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-' || substr(h, 13, 4) || '-' ||
+                 substr(h, 17, 4) || '-' || substr(h, 21, 12)
+          FROM (SELECT lpad(to_hex((extract(epoch FROM now()) * 1000)::int8
+                                   - (random() * 13 * 86400000)::int8), 12, '0')
+                       || substr(md5(random()::text || g::text), 1, 20) AS h) x)"
+    } else {
+        "gen_random_uuid()::text"
+    };
     // In slices of 1 M, each its own statement and transaction.
     let mut at = from;
     while at < to {
         let end = (at + 1_000_000).min(to);
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO txbox.inbox_processed (consumer_group, event_id, topic, partition, \"offset\", processed_at)
-             SELECT $1, gen_random_uuid()::text, 'prefill', 0, g,
+             SELECT $1, {id}, 'prefill', 0, g,
                     now() - make_interval(secs => random() * 13 * 86400)
-             FROM generate_series($2::int8, $3::int8 - 1) g",
-        )
+             FROM generate_series($2::int8, $3::int8 - 1) g"
+        ))
         .bind(GROUP)
         .bind(at)
         .bind(end)
         .execute(pool)
         .await?;
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO processed_events (event_id, processed_at)
-             SELECT gen_random_uuid()::text, now() - make_interval(secs => random() * 13 * 86400)
-             FROM generate_series($1::int8, $2::int8 - 1)",
-        )
+             SELECT {id}, now() - make_interval(secs => random() * 13 * 86400)
+             FROM generate_series($1::int8, $2::int8 - 1) g"
+        ))
         .bind(at)
         .bind(end)
         .execute(pool)

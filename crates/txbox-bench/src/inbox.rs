@@ -70,15 +70,26 @@ pub(crate) struct Filled {
     pub messages: usize,
 }
 
+/// The event ids the benchmark's messages carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Ids {
+    /// No `ce_id`: each message's event id is its position.
+    None,
+    /// Random UUIDs (v4): each dedupe insert lands anywhere in the index.
+    Random,
+    /// Time-ordered UUIDs (v7), as txbox's outbox gives its events: the
+    /// inserts land at the index's right edge.
+    TimeOrdered,
+}
+
 /// Fills a fresh topic of `partitions` partitions with `n` messages, each
-/// an account id out of 100,000, round-robin over the partitions; with
-/// `ids`, each carries a random `ce_id`, otherwise none (its event id is
-/// then its position).
+/// an account id out of 100,000, round-robin over the partitions, with
+/// `ids` as their `ce_id`.
 pub(crate) async fn filled(
     bootstrap: &str,
     partitions: usize,
     n: usize,
-    ids: bool,
+    ids: Ids,
 ) -> anyhow::Result<Filled> {
     let broker = txbox_testkit::Broker::at(bootstrap);
     let topic = broker.topic("bench-in", partitions as i32).await;
@@ -95,8 +106,9 @@ pub(crate) async fn run(
     shape: Shape,
     n: usize,
     key_order: txbox::outbox::KeyOrder,
+    instances: usize,
 ) -> anyhow::Result<InboxRun> {
-    let input = filled(bootstrap, shape.partitions, n, true).await?;
+    let input = filled(bootstrap, shape.partitions, n, Ids::Random).await?;
     let consume_only = consume_only(bootstrap, &input.topic, n).await?;
     let hand_written = crate::baseline::run(
         &db.pool,
@@ -111,10 +123,13 @@ pub(crate) async fn run(
         db,
         bootstrap,
         &input,
-        shape.batch,
-        key_order,
-        Dedupe::EventIds,
-        None,
+        Consumers {
+            batch: shape.batch,
+            key_order,
+            dedupe: Dedupe::EventIds,
+            group: None,
+            instances,
+        },
     )
     .await?;
     Ok(InboxRun {
@@ -124,35 +139,54 @@ pub(crate) async fn run(
     })
 }
 
-/// Consumes `input` with a txbox inbox (`group`, or a new one); returns
-/// messages/s from its first commit to the last.
+/// How the inbox consumes in one run.
+pub(crate) struct Consumers<'a> {
+    pub batch: usize,
+    pub key_order: txbox::outbox::KeyOrder,
+    pub dedupe: Dedupe,
+    /// The group (default: a new one).
+    pub group: Option<&'a str>,
+    /// Inboxes in the group, each its own Kafka consumer and pool (in this
+    /// process: they share its cores).
+    pub instances: usize,
+}
+
+/// Consumes `input` with txbox inboxes; returns messages/s from the first
+/// commit to the last.
 pub(crate) async fn inbox(
     db: &BenchDb,
     bootstrap: &str,
     input: &Filled,
-    batch: usize,
-    key_order: txbox::outbox::KeyOrder,
-    dedupe: Dedupe,
-    group: Option<&str>,
+    c: Consumers<'_>,
 ) -> anyhow::Result<f64> {
     let n = input.messages;
-    let group = group.map_or_else(|| txbox_testkit::unique_name("bench"), str::to_owned);
+    let group = c
+        .group
+        .map_or_else(|| txbox_testkit::unique_name("bench"), str::to_owned);
     let stop = CancellationToken::new();
-    let inbox = Inbox::builder(db.pool.clone())
-        .brokers(bootstrap)
-        .group_id(&group)
-        .batch_handler(
-            &input.topic,
-            Settle {
-                outbox: Outbox::new(Schema::default()).key_order(key_order),
-            },
-        )
-        .batch_size(batch)
-        .dedupe(dedupe)
-        .build()?;
-    let s = stop.clone();
     let launched = Instant::now();
-    let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..c.instances.max(1) {
+        let pool = if c.instances > 1 {
+            db.pool_like().await?
+        } else {
+            db.pool.clone()
+        };
+        let inbox = Inbox::builder(pool)
+            .brokers(bootstrap)
+            .group_id(&group)
+            .batch_handler(
+                &input.topic,
+                Settle {
+                    outbox: Outbox::new(Schema::default()).key_order(c.key_order),
+                },
+            )
+            .batch_size(c.batch)
+            .dedupe(c.dedupe)
+            .build()?;
+        let s = stop.clone();
+        tasks.spawn(async move { inbox.run(async move { s.cancelled().await }).await });
+    }
     // Timed from the first commit, so joining the group (a rebalance of a
     // few seconds) is not counted as processing time.
     let mut first: Option<(Instant, i64)> = None;
@@ -174,15 +208,17 @@ pub(crate) async fn inbox(
         if launched.elapsed() > Duration::from_secs(600) {
             anyhow::bail!("inbox consumed only {consumed} of {n} in 10 minutes");
         }
-        if task.is_finished() {
-            task.await??;
-            anyhow::bail!("the inbox stopped at {consumed} of {n}");
+        if let Some(done) = tasks.try_join_next() {
+            done??;
+            anyhow::bail!("an inbox stopped at {consumed} of {n}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let elapsed = started.0.elapsed();
     stop.cancel();
-    task.await??;
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
     Ok((n as i64 - started.1) as f64 / elapsed.as_secs_f64())
 }
 
@@ -223,7 +259,7 @@ async fn fill(
     topic: &str,
     n: usize,
     partitions: usize,
-    ids: bool,
+    ids: Ids,
 ) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -237,11 +273,14 @@ async fn fill(
         rng_state ^= rng_state >> 7;
         rng_state ^= rng_state << 17;
         let account = (rng_state % 100_000 + 1).to_string();
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = match ids {
+            Ids::TimeOrdered => uuid::Uuid::now_v7().to_string(),
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
         let mut record = FutureRecord::<(), _>::to(topic)
             .payload(&account)
             .partition((i % partitions) as i32);
-        if ids {
+        if ids != Ids::None {
             record = record.headers(rdkafka::message::OwnedHeaders::new().insert(
                 rdkafka::message::Header {
                     key: "ce_id",

@@ -97,13 +97,18 @@ enum What {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Run only these shapes, as `BATCHxPARTITIONS` (repeatable, e.g.
-        /// `--shape 100x1`). Default: 1x1, 100x1 and 100x4.
+        /// `--shape 100x1`, or `--shape 100x16`). Default: 1x1, 100x1 and
+        /// 100x4.
         #[arg(long = "shape", value_parser = parse_shape)]
         shapes: Vec<Shape>,
         /// The outbox's key order for the txbox SQL ceiling and the inbox
         /// (`commit` adds the per-key order heads to every staging).
         #[arg(long, value_enum, default_value_t = Order::FirstWrite)]
         key_order: Order,
+        /// Inboxes in the group, each with its own consumer and pool (in
+        /// this process, so on the same cores).
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// The relay against plain transactional and idempotent producers,
     /// and its latency at a steady rate.
@@ -234,12 +239,14 @@ async fn main() -> anyhow::Result<()> {
             rounds: rounds_wanted,
             shapes,
             key_order,
+            instances,
         } => {
             let order = txbox::outbox::KeyOrder::from(key_order);
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
             db.add_ceiling().await?;
             println!(
-                "txbox-bench inbox: database {}, broker {bootstrap}, key order {key_order:?}",
+                "txbox-bench inbox: database {}, broker {bootstrap}, key order {key_order:?}, \
+                 {instances} inbox instance(s)",
                 db.name
             );
             let pgbench = pgbench::find();
@@ -257,9 +264,9 @@ async fn main() -> anyhow::Result<()> {
                 "ratio",
                 "consume-only"
             );
-            let scenarios = [
+            let mut scenarios = vec![
                 (
-                    "1 msg/txn, 1 partition",
+                    "1 msg/txn, 1 partition".to_owned(),
                     Shape {
                         batch: 1,
                         partitions: 1,
@@ -267,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
                     messages / 20,
                 ),
                 (
-                    "100 msg/txn, 1 partition",
+                    "100 msg/txn, 1 partition".to_owned(),
                     Shape {
                         batch: 100,
                         partitions: 1,
@@ -275,7 +282,7 @@ async fn main() -> anyhow::Result<()> {
                     messages,
                 ),
                 (
-                    "100 msg/txn, 4 partitions",
+                    "100 msg/txn, 4 partitions".to_owned(),
                     Shape {
                         batch: 100,
                         partitions: 4,
@@ -283,6 +290,20 @@ async fn main() -> anyhow::Result<()> {
                     messages,
                 ),
             ];
+            for s in &shapes {
+                if !scenarios
+                    .iter()
+                    .any(|(_, c, _)| c.batch == s.batch && c.partitions == s.partitions)
+                {
+                    let name = format!("{} msg/txn, {} partitions", s.batch, s.partitions);
+                    let n = if s.batch == 1 {
+                        messages / 20
+                    } else {
+                        messages
+                    };
+                    scenarios.push((name, *s, n));
+                }
+            }
             let chosen = |s: &Shape| {
                 shapes.is_empty()
                     || shapes
@@ -300,7 +321,8 @@ async fn main() -> anyhow::Result<()> {
                         Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
                         None => f64::NAN,
                     };
-                    let run = inbox::run(&db, bootstrap, shape, n.max(1000), order).await?;
+                    let run =
+                        inbox::run(&db, bootstrap, shape, n.max(1000), order, instances).await?;
                     let row = Round {
                         inbox: run.inbox,
                         hand_written: run.hand_written,
