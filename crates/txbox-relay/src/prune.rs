@@ -56,11 +56,19 @@ impl Pruner {
         Pruner {
             stream,
             batch: batch.max(1),
+            // In key order from just after `$6, $7`, so a round's later
+            // batches (and later rounds) start where the last one ended:
+            // a scan from the stream's start would walk the index entries of
+            // every row deleted since the last vacuum, which on a drained
+            // backlog of millions makes each batch slower than the last.
             sql: format!(
-                "DELETE FROM {outbox}
+                "WITH deleted AS (
+                 DELETE FROM {outbox}
                   WHERE ctid = ANY(ARRAY(
                         SELECT ctid FROM {outbox}
                          WHERE stream = $1 AND (txid, id) <= ($2::text::xid8, $3)
+                           AND (txid, id) > ($6::text::xid8, $7)
+                         ORDER BY txid, id
                          LIMIT $4))
                     AND EXISTS (
                         SELECT 1 FROM {streams} s
@@ -69,7 +77,12 @@ impl Pruner {
                            AND (s.history IS NULL OR split_part(s.history, '~', 1) =
                                 (SELECT id::text FROM {installation}) || '@' ||
                                 (SELECT system_identifier::text FROM pg_control_system()) || '/' ||
-                                (SELECT oid::text FROM pg_database WHERE datname = current_database())))",
+                                (SELECT oid::text FROM pg_database WHERE datname = current_database())))
+                 RETURNING txid, id)
+                 SELECT count(*)::int8,
+                        (array_agg(txid::text ORDER BY txid DESC, id DESC))[1],
+                        (array_agg(id ORDER BY txid DESC, id DESC))[1]
+                   FROM deleted",
                 outbox = schema.table("outbox"),
                 streams = schema.table("relay_streams"),
                 installation = schema.table("installation"),
@@ -99,15 +112,38 @@ impl Pruner {
     /// Deletes up to one batch of rows at or before `upto`, if `token` is
     /// still the stream's fencing token. Returns how many were deleted.
     pub async fn prune_once(&self, pool: &PgPool, token: i64, upto: Position) -> Result<u64> {
-        let done = sqlx::query(&self.sql)
+        Ok(self
+            .prune_once_after(pool, token, Position::START, upto)
+            .await?
+            .0)
+    }
+
+    /// Deletes up to one batch of the rows after `after` and at or before
+    /// `upto`, in key order, if `token` is still the stream's fencing
+    /// token. Returns how many were deleted and the last one's position
+    /// (`after` when none was).
+    pub async fn prune_once_after(
+        &self,
+        pool: &PgPool,
+        token: i64,
+        after: Position,
+        upto: Position,
+    ) -> Result<(u64, Position)> {
+        let (deleted, txid, id): (i64, Option<String>, Option<i64>) = sqlx::query_as(&self.sql)
             .bind(self.stream)
             .bind(upto.txid.to_string())
             .bind(upto.id)
             .bind(self.batch)
             .bind(token)
-            .execute(pool)
+            .bind(after.txid.to_string())
+            .bind(after.id)
+            .fetch_one(pool)
             .await?;
-        Ok(done.rows_affected())
+        let last = match (txid, id) {
+            (Some(txid), Some(id)) => Position::from_db(&txid, id)?,
+            _ => after,
+        };
+        Ok((deleted.unsigned_abs(), last))
     }
 
     /// Deletes up to one batch of the stream's key order heads that are
@@ -162,6 +198,25 @@ impl Pruner {
         upto: Position,
         max_batches: usize,
     ) -> Result<u64> {
+        Ok(self
+            .prune_after(pool, token, Position::START, upto, max_batches)
+            .await?
+            .0)
+    }
+
+    /// [`Pruner::prune`] of the rows after `after` only: each batch starts
+    /// where the previous one ended. Returns the rows deleted and the last
+    /// one's position, to pass as `after` to the next round (valid while
+    /// `token` holds: nothing at or before a published position is staged
+    /// later).
+    pub async fn prune_after(
+        &self,
+        pool: &PgPool,
+        token: i64,
+        mut after: Position,
+        upto: Position,
+        max_batches: usize,
+    ) -> Result<(u64, Position)> {
         let mut total = 0;
         for i in 0..max_batches {
             if i > 0 {
@@ -169,12 +224,13 @@ impl Pruner {
                 txbox::crash_point!("relay.during_prune");
                 tokio::time::sleep(PAUSE).await;
             }
-            let n = self.prune_once(pool, token, upto).await?;
+            let (n, last) = self.prune_once_after(pool, token, after, upto).await?;
             total += n;
+            after = last;
             if n < self.batch.unsigned_abs() {
                 break;
             }
         }
-        Ok(total)
+        Ok((total, after))
     }
 }

@@ -324,8 +324,14 @@ impl StreamTask {
         tokio::spawn(async move {
             let mut pruned_upto = Position::START;
             // A round that deleted its most leaves rows behind (a drained
-            // backlog): the next one starts at once, not an interval later.
+            // backlog): the next one starts at once, not an interval later,
+            // unless the publisher is still draining (the position moved by
+            // more than a round's rows since the last round): publishing
+            // comes first, pruning takes its interval then.
             let mut behind = false;
+            let mut last_upto = Position::START;
+            // Where the last round of this token stopped deleting.
+            let mut resume: Option<(i64, Position)> = None;
             loop {
                 let wait = if behind { Duration::ZERO } else { interval };
                 behind = false;
@@ -370,10 +376,17 @@ impl StreamTask {
                     // Each batch is a statement of its own: stopping between
                     // or inside one leaves nothing half done.
                     () = cancel.cancelled() => return,
-                    pruned = pruner.prune(&pool, token, upto, PRUNE_BATCHES_PER_ROUND) => pruned,
+                    pruned = pruner.prune_after(
+                        &pool,
+                        token,
+                        resume.filter(|(t, _)| *t == token).map_or(Position::START, |(_, p)| p),
+                        upto,
+                        PRUNE_BATCHES_PER_ROUND,
+                    ) => pruned,
                 };
                 match pruned {
-                    Ok(n) => {
+                    Ok((n, last)) => {
+                        resume = Some((token, last));
                         if n > 0 {
                             tracing::debug!(stream, deleted = n, upto = %upto, "pruned outbox");
                             metrics::counter!("txbox_relay_pruned_total", "stream" => stream.to_string()).increment(n);
@@ -381,8 +394,10 @@ impl StreamTask {
                         if n < PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner) {
                             pruned_upto = upto;
                         } else {
-                            behind = true;
+                            let capacity = PRUNE_BATCHES_PER_ROUND as i64 * pruner.batch_size();
+                            behind = upto.id.saturating_sub(last_upto.id) < capacity;
                         }
+                        last_upto = upto;
                     }
                     Err(e) => tracing::warn!(stream, error = %e, "prune failed; retrying later"),
                 }
