@@ -4,7 +4,8 @@
 //!
 //! 1. **reference**: a fresh database, `--reference` rows pre-filled,
 //!    drained by the relay (exactly-once, defaults but a 20 ms poll, as
-//!    `txbox-bench relay`): events/s from its first recorded batch;
+//!    `txbox-bench relay`): events/s from its first recorded batch; run
+//!    before and again after the backlog, the ratio taken to their mean;
 //! 2. **backlog**: a second fresh database, `--backlog` rows pre-filled;
 //!    then `--rate` events/s are staged (transactions of 10, through
 //!    `Outbox::stage_all`) while the relay drains: events/s from its first
@@ -60,18 +61,30 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
         "txbox-bench backlog: reference {} rows, backlog {} rows, staging {} events/s, {} B, {} partitions, broker {bootstrap}",
         args.reference, args.backlog, args.rate, args.payload_bytes, args.partitions
     );
-    let reference = {
-        let db = BenchDb::create(database_url).await?;
-        let result = reference(args, &db, bootstrap).await;
-        db.drop_db().await?;
-        result?
-    };
+    let before = fresh_reference(args, database_url, bootstrap).await?;
     println!(
-        "reference: {reference:.0} events/s draining {} rows",
+        "reference before: {before:.0} events/s draining {} rows",
         args.reference
     );
     let db = BenchDb::create(database_url).await?;
-    let result = backlog(args, &db, bootstrap, reference).await;
+    let result = backlog(args, &db, bootstrap, before).await;
+    db.drop_db().await?;
+    let drained = result?;
+    // Again after, so a slow or fast spell of the machine weighs on both
+    // sides of the ratio.
+    let after = fresh_reference(args, database_url, bootstrap).await?;
+    let mean = (before + after) / 2.0;
+    println!(
+        "reference after: {after:.0} events/s; backlog drain / mean reference ({mean:.0}) = {:.2}",
+        drained / mean
+    );
+    Ok(())
+}
+
+/// [`reference`] on a database of its own, dropped afterwards.
+async fn fresh_reference(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<f64> {
+    let db = BenchDb::create(database_url).await?;
+    let result = reference(args, &db, bootstrap).await;
     db.drop_db().await?;
     result
 }
@@ -155,7 +168,13 @@ async fn sample(pool: &PgPool, at: f64, staged: i64) -> anyhow::Result<Sample> {
     })
 }
 
-async fn backlog(args: &Args, db: &BenchDb, bootstrap: &str, reference: f64) -> anyhow::Result<()> {
+/// The backlog run; returns its drain rate, events/s.
+async fn backlog(
+    args: &Args,
+    db: &BenchDb,
+    bootstrap: &str,
+    reference: f64,
+) -> anyhow::Result<f64> {
     let topic = topic(bootstrap, args.partitions).await;
     let t = Instant::now();
     prefill(&db.pool, &topic, args.backlog, args.payload_bytes).await?;
@@ -183,6 +202,7 @@ async fn backlog(args: &Args, db: &BenchDb, bootstrap: &str, reference: f64) -> 
     let mut samples: Vec<Sample> = Vec::new();
     let mut first: Option<(f64, i64)> = None;
     let mut caught_up: Option<(f64, i64)> = None;
+    let mut drained = f64::NAN;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     println!(
         "{:>7} {:>10} {:>9} {:>11} {:>10}",
@@ -199,8 +219,9 @@ async fn backlog(args: &Args, db: &BenchDb, bootstrap: &str, reference: f64) -> 
             caught_up = Some((at, s.published));
             if let Some((t0, p0)) = first {
                 let rate = (s.published - p0) as f64 / (at - t0);
+                drained = rate;
                 println!(
-                    "caught up after {at:.0} s: drained at {rate:.0} events/s from the first batch, {:.2} of the reference",
+                    "caught up after {at:.0} s: drained at {rate:.0} events/s from the first batch, {:.2} of the reference before",
                     rate / reference
                 );
             }
@@ -251,7 +272,7 @@ async fn backlog(args: &Args, db: &BenchDb, bootstrap: &str, reference: f64) -> 
         std::fs::write(path, out)?;
         println!("samples written to {}", path.display());
     }
-    Ok(())
+    Ok(drained)
 }
 
 /// Stages `rate` events/s in transactions of 10 until `stop`, counting them
