@@ -11,7 +11,17 @@
 -- consumed. When Kafka moves a partition back because its log is new
 -- (recreated or truncated), the inbox moves both back.
 --
--- Existing rows start with their position: everything below it was
--- consumed.
+-- Existing rows start at their position or, for a partition moved back by
+-- a replay that is still running, past the highest offset whose id was
+-- recorded (one scan of inbox_processed). Rows advanced afterwards by a
+-- version without the column are raised to their position at the next
+-- claim and at every reset.
 ALTER TABLE inbox_offsets ADD COLUMN consumed_until bigint NOT NULL DEFAULT 0;
 UPDATE inbox_offsets SET consumed_until = next_offset;
+UPDATE inbox_offsets o
+   SET consumed_until = p.recorded_until
+  FROM (SELECT consumer_group, topic, partition, max("offset") + 1 AS recorded_until
+          FROM inbox_processed
+         GROUP BY consumer_group, topic, partition) p
+ WHERE p.consumer_group = o.consumer_group AND p.topic = o.topic
+   AND p.partition = o.partition AND p.recorded_until > o.consumed_until;

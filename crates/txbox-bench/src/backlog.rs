@@ -81,7 +81,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
     Ok(())
 }
 
-/// [`reference`] on a database of its own, dropped afterwards.
+/// The reference drain on a database of its own, dropped afterwards.
 async fn fresh_reference(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<f64> {
     let db = BenchDb::create(database_url).await?;
     let result = reference(args, &db, bootstrap).await;

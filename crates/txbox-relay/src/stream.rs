@@ -379,7 +379,12 @@ impl StreamTask {
                     pruned = pruner.prune_after(
                         &pool,
                         token,
-                        resume.filter(|(t, _)| *t == token).map_or(Position::START, |(_, p)| p),
+                        // Kept for this token while the position is past it
+                        // (it never moves back within a token, unless a
+                        // history check is about to stop the stream).
+                        resume
+                            .filter(|(t, p)| *t == token && *p <= upto)
+                            .map_or(Position::START, |(_, p)| p),
                         upto,
                         PRUNE_BATCHES_PER_ROUND,
                     ) => pruned,

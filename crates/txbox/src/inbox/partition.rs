@@ -15,7 +15,6 @@ use tracing::Instrument as _;
 use super::commit::{self, sqlstate_is, Attempt, Ctx, Failure, IdInsert, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
-use super::message::position_id;
 use super::shared::Shared;
 use super::InboxMessage;
 use crate::db::is_transient;
@@ -208,7 +207,10 @@ impl PartitionWorker {
     /// of the new log are then below the stored position and would be
     /// skipped as consumed: move the stored position back to them first
     /// (fenced, in its own transaction), so the new log is applied. Event-id
-    /// dedupe still skips any event applied before.
+    /// dedupe still skips any event applied before. Where only the watermark
+    /// would dedupe (messages without ids of their own, or
+    /// `Dedupe::OffsetsOnly`) below `consumed_until`, the partition stops
+    /// instead, for an operator (ADR 0011).
     async fn follow_rewind(&mut self, batch: &[InboxMessage]) -> Result<(), Stop> {
         let Some(head) = batch.first() else {
             return Ok(());
@@ -222,22 +224,29 @@ impl PartitionWorker {
             return Ok(());
         }
         metrics::counter!("txbox_inbox_rewinds_total").increment(1);
+        // Messages that only the watermark dedupes, at offsets this group
+        // consumed: a truncated log's old records, or a recreated log's new
+        // ones. Nothing tells the two apart, so neither skipping them nor
+        // applying them is safe: hold the partition where it is.
+        let dedupe = self.shared.opts.dedupe;
+        if first < self.pos.consumed_until && batch.iter().any(|m| !dedupe.records(m)) {
+            tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
+                expected, delivered = first, stored = self.pos.next_offset,
+                consumed_until = self.pos.consumed_until,
+                "Kafka rewound the partition (auto.offset.reset) into offsets this group \
+                 consumed, and these messages have no event id of their own (or the inbox \
+                 dedupes by offsets only): a truncated log cannot be told from a recreated \
+                 one, so the partition is stopped where it is. If the topic was recreated, \
+                 stop the group and run `txbox offsets reset --to-earliest --new-log`; if \
+                 the log was truncated, `txbox offsets reset --to-latest` (or the offset to \
+                 resume from)");
+            return Err(Stop::Stopped);
+        }
         tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
             expected, delivered = first, stored = self.pos.next_offset,
             "Kafka rewound the partition (auto.offset.reset): its log was recreated or \
              truncated, or the position was set past its end; moving the stored position \
              back to follow it (event ids already processed are still skipped)");
-        if first < self.pos.consumed_until
-            && (!self.shared.opts.dedupe.records(head)
-                || head.event_id == position_id(&head.topic, head.partition, first))
-        {
-            tracing::error!(topic = %self.pos.topic, partition = self.pos.partition,
-                consumed_until = self.pos.consumed_until,
-                "messages without an event id of their own (or all, with Dedupe::OffsetsOnly) \
-                 at offsets below consumed_until are taken as consumed: if this log is new \
-                 (the topic was recreated), stop the group and run `txbox offsets reset \
-                 --new-log` to apply them");
-        }
         self.bookkeep(Bookkeeping::Reposition(first)).await?;
         Ok(())
     }

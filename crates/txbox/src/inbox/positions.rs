@@ -200,7 +200,8 @@ impl PositionReset {
                      GREATEST(0, LEAST(9223372036854775807, t.next_offset::numeric + $5))::int8
                  ELSE (SELECT w.next_offset FROM unnest($6::int4[], $7::int8[]) AS w(partition, next_offset)
                        WHERE w.partition = t.partition) END,
-                 epoch = o.epoch + 1, owner = NULL, updated_at = now()
+                 epoch = o.epoch + 1, owner = NULL, updated_at = now(),
+                 consumed_until = GREATEST(o.consumed_until, t.next_offset)
              FROM target t
              WHERE o.consumer_group = t.consumer_group AND o.topic = t.topic
                AND o.partition = t.partition

@@ -14,7 +14,9 @@ pub(crate) struct Statements {
     /// its row at $4, or gives it a new epoch. Either way the epoch is the
     /// next value of the `inbox_epochs` sequence, never given out before: a
     /// zombie's epoch cannot match it, even after the row was deleted and
-    /// created again. Returns (next_offset, epoch, consumed_until).
+    /// created again. Returns (next_offset, epoch, consumed_until), the
+    /// watermark raised to the position if below it (a row advanced by a
+    /// version that did not keep it).
     pub claim: String,
     /// Inserts event ids; returns the ones not seen before.
     pub insert_processed: String,
@@ -64,7 +66,8 @@ impl Statements {
                                           epoch, owner)
                  VALUES ($1, $2, $3, $4, $4, nextval($6::regclass), $5)
                  ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-                 SET epoch = greatest(EXCLUDED.epoch, o.epoch + 1), owner = EXCLUDED.owner, assigned_at = now()
+                 SET epoch = greatest(EXCLUDED.epoch, o.epoch + 1), owner = EXCLUDED.owner, assigned_at = now(),
+                     consumed_until = greatest(o.consumed_until, o.next_offset)
                  RETURNING next_offset, epoch, consumed_until"
             ),
             insert_processed: format!(
