@@ -28,7 +28,7 @@ use txbox::inbox::Dedupe;
 use txbox::outbox::KeyOrder;
 
 use crate::ceiling::BenchDb;
-use crate::inbox::{filled, inbox, Consumers, Ids};
+use crate::inbox::{filled, inbox, Consumers, Filled, Ids};
 use crate::{median, Shape};
 
 /// The group whose dedupe state is pre-filled.
@@ -105,6 +105,17 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
         let fill_s = t.elapsed().as_secs_f64();
         let (txbox_mb, hand_mb) = sizes(&db.pool).await?;
         let mut rounds = Vec::new();
+        // The inbox over `input`, at the shape's batch size, one instance.
+        let consume = async |input: &Filled, dedupe: Dedupe, group: Option<&str>| {
+            let c = Consumers {
+                batch: shape.batch,
+                key_order: KeyOrder::FirstWrite,
+                dedupe,
+                group,
+                instances: 1,
+            };
+            inbox(&db, bootstrap, input, c).await
+        };
         for _ in 0..args.rounds {
             let with_ids = filled(bootstrap, shape.partitions, args.messages, args.ids).await?;
             let hand_written = crate::baseline::run(
@@ -116,46 +127,10 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 args.messages,
             )
             .await?;
-            let ids = inbox(
-                &db,
-                bootstrap,
-                &with_ids,
-                Consumers {
-                    batch: shape.batch,
-                    key_order: KeyOrder::FirstWrite,
-                    dedupe: Dedupe::EventIds,
-                    group: Some(GROUP),
-                    instances: 1,
-                },
-            )
-            .await?;
-            let offsets_only = inbox(
-                &db,
-                bootstrap,
-                &with_ids,
-                Consumers {
-                    batch: shape.batch,
-                    key_order: KeyOrder::FirstWrite,
-                    dedupe: Dedupe::OffsetsOnly,
-                    group: None,
-                    instances: 1,
-                },
-            )
-            .await?;
+            let ids = consume(&with_ids, Dedupe::EventIds, Some(GROUP)).await?;
+            let offsets_only = consume(&with_ids, Dedupe::OffsetsOnly, None).await?;
             let without = filled(bootstrap, shape.partitions, args.messages, Ids::None).await?;
-            let positions = inbox(
-                &db,
-                bootstrap,
-                &without,
-                Consumers {
-                    batch: shape.batch,
-                    key_order: KeyOrder::FirstWrite,
-                    dedupe: Dedupe::EventIds,
-                    group: Some(GROUP),
-                    instances: 1,
-                },
-            )
-            .await?;
+            let positions = consume(&without, Dedupe::EventIds, Some(GROUP)).await?;
             let r = Round {
                 hand_written,
                 ids,
