@@ -702,9 +702,16 @@ impl Leader<'_> {
     }
 
     /// Publishes one batch while renewing the lease on a timer. On
-    /// shutdown the batch gets [`SHUTDOWN_GRACE`] to finish; after that
-    /// (or when the lease is lost) it is dropped, and the caller's
-    /// `close` aborts an open transaction.
+    /// shutdown the batch gets [`SHUTDOWN_GRACE`] to finish; after that it
+    /// is dropped, and the caller's `close` aborts an open transaction.
+    ///
+    /// A lost lease does not drop the batch either: its transaction may
+    /// already be committing on a blocking thread, and Kafka, not the
+    /// lease, decides whether it lands (a successor's producer fences
+    /// it). The batch gets the same grace to end, so its outcome is known
+    /// and logged and `close` never races an in-flight commit; the caller
+    /// then finds the lease gone when it writes the position (the token
+    /// check refuses it).
     async fn publish_guarded(
         &mut self,
         rows: &[OutboxRow],
@@ -718,17 +725,23 @@ impl Leader<'_> {
         tokio::pin!(publish);
         let mut renew_at = Instant::now() + ttl / 3;
         let mut give_up_at: Option<Instant> = None;
+        let mut lost = false;
         loop {
             tokio::select! {
                 r = &mut publish => return Ok(r),
-                () = tokio::time::sleep_until(renew_at) => {
+                () = tokio::time::sleep_until(renew_at), if !lost => {
                     match leases.renew(lease).await {
                         Ok(true) => {}
-                        Ok(false) => return Err(Exit::LeaseLost),
+                        Ok(false) => lost = true,
                         Err(e) => tracing::warn!(stream = lease.stream(), error = %e, "lease renewal failed during publish"),
                     }
                     if lease.remaining().is_zero() {
-                        return Err(Exit::LeaseLost);
+                        lost = true;
+                    }
+                    if lost {
+                        tracing::warn!(stream = lease.stream(), token = lease.token(),
+                            "lease lost during a publish; waiting for the batch in flight to end");
+                        give_up_at.get_or_insert(Instant::now() + SHUTDOWN_GRACE);
                     }
                     renew_at = Instant::now() + ttl / 3;
                 }
@@ -740,7 +753,7 @@ impl Leader<'_> {
                         Some(t) => tokio::time::sleep_until(t).await,
                         None => std::future::pending().await,
                     }
-                } => return Err(Exit::Shutdown),
+                } => return Err(if lost && !cancel.is_cancelled() { Exit::LeaseLost } else { Exit::Shutdown }),
             }
         }
     }
