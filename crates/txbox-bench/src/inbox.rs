@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 use txbox::inbox::{BatchError, BatchHandler, Dedupe, Inbox, InboxMessage, Tx};
 use txbox::{Outbox, OutboxEvent, Schema};
@@ -266,7 +266,7 @@ async fn fill(
         .set("linger.ms", "20")
         .set("enable.idempotence", "true")
         .create()?;
-    let mut pending = Vec::with_capacity(10_000);
+    let mut pending = Pending::new();
     let mut rng_state: u64 = 0x9e37_79b9_7f4a_7c15;
     for i in 0..n {
         rng_state ^= rng_state << 13;
@@ -288,23 +288,54 @@ async fn fill(
                 },
             ));
         }
+        pending.send(&producer, record).await?;
+    }
+    pending.settle().await
+}
+
+/// Records sent and not yet acknowledged, awaited 10,000 at a time.
+pub(crate) struct Pending(Vec<DeliveryFuture>);
+
+impl Pending {
+    pub(crate) fn new() -> Self {
+        Pending(Vec::with_capacity(10_000))
+    }
+
+    /// Queues `record`, waiting while librdkafka's queue is full; awaits
+    /// every pending acknowledgement once 10,000 are pending.
+    pub(crate) async fn send<K, P>(
+        &mut self,
+        producer: &FutureProducer,
+        mut record: FutureRecord<'_, K, P>,
+    ) -> anyhow::Result<()>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
         loop {
             match producer.send_result(record) {
-                Ok(f) => break pending.push(f),
+                Ok(f) => break self.0.push(f),
                 Err((_, back)) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }
         }
-        if pending.len() == 10_000 {
-            for f in pending.drain(..) {
-                f.await?.map_err(|(e, _)| e)?;
-            }
+        if self.0.len() == 10_000 {
+            self.settle_some().await?;
         }
+        Ok(())
     }
-    for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
+
+    async fn settle_some(&mut self) -> anyhow::Result<()> {
+        for f in self.0.drain(..) {
+            f.await?.map_err(|(e, _)| e)?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Awaits every pending acknowledgement; fails on the first refusal.
+    pub(crate) async fn settle(mut self) -> anyhow::Result<()> {
+        self.settle_some().await
+    }
 }

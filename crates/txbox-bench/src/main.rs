@@ -7,7 +7,16 @@
 //! txbox-bench relay [--mode exactly-once|at-least-once] [--events N] [--batch-size B] ...
 //! txbox-bench dedupe [--prefill N]... [--messages N] [--rounds R] [--shape BATCHxPARTITIONS]
 //! txbox-bench backlog [--backlog N] [--reference N] [--rate R] [--after S] [--csv FILE]
+//! txbox-bench relay-scale [--streams 1,2,4,8] [--processes 1,2] [--events N]
+//! txbox-bench chain [--events N] [--rate R] [--seconds S]
 //! ```
+//!
+//! `relay-scale`: the relay's drain rate as streams and relay processes
+//! are added, with the CPU each side used (see the `relay_scale` module).
+//!
+//! `chain`: inbox A, the relay and inbox B end to end: the maximum rate
+//! and the latency from input produced to ledger committed (see the
+//! `chain` module).
 //!
 //! `backlog`: the relay draining a large backlog while staging goes on,
 //! against a small drain, and the outbox's size over the run (see the
@@ -56,10 +65,13 @@
 mod backlog;
 mod baseline;
 mod ceiling;
+mod chain;
 mod dedupe;
 mod inbox;
 mod pgbench;
 mod relay;
+mod relay_scale;
+mod usage;
 
 use clap::{Parser, Subcommand};
 
@@ -119,7 +131,15 @@ enum What {
     /// The relay draining a large backlog while staging goes on, and the
     /// outbox's size over the run.
     Backlog(backlog::Args),
+    /// The relay's drain rate with more streams and relay processes.
+    RelayScale(relay_scale::Args),
+    /// Inbox A, the relay and inbox B end to end: maximum rate and latency.
+    Chain(chain::Args),
 }
+
+/// The hidden subcommand the benchmarks start relay processes with:
+/// `txbox-bench relay-process ARGS` runs `txbox-relay ARGS`.
+const RELAY_PROCESS: &str = "relay-process";
 
 /// `txbox::outbox::KeyOrder`, as a command-line value.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -222,6 +242,13 @@ pub(crate) fn parse_shape(s: &str) -> Result<Shape, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let mut argv = std::env::args_os();
+    if argv.nth(1).is_some_and(|a| a == RELAY_PROCESS) {
+        return txbox_relay::cli::main_with_args(
+            std::iter::once(std::ffi::OsString::from("txbox-relay")).chain(argv),
+        )
+        .await;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -343,6 +370,8 @@ async fn main() -> anyhow::Result<()> {
         What::Relay(args) => relay::run(&args, &opt.database_url, bootstrap).await?,
         What::Dedupe(args) => dedupe::run(&args, &opt.database_url, bootstrap).await?,
         What::Backlog(args) => backlog::run(&args, &opt.database_url, bootstrap).await?,
+        What::RelayScale(args) => relay_scale::run(&args, &opt.database_url, bootstrap).await?,
+        What::Chain(args) => chain::run(&args, &opt.database_url, bootstrap).await?,
     }
     Ok(())
 }

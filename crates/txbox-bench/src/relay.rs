@@ -236,12 +236,25 @@ async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()>
 }
 
 /// Server-side generated rows, in transactions of 10,000: keys `k0..k999`,
-/// a payload of `bytes` bytes, headers as `Outbox::stage` writes them.
+/// a payload of `bytes` bytes, headers as `Outbox::stage` writes them, all
+/// on stream 0.
 pub(crate) async fn prefill(
     pool: &PgPool,
     topic: &str,
     events: usize,
     bytes: usize,
+) -> anyhow::Result<()> {
+    prefill_streams(pool, topic, events, bytes, 1).await
+}
+
+/// [`prefill`] over `streams` streams: key `k{j}` on stream `j % streams`
+/// (each key on one stream, the keys spread evenly).
+pub(crate) async fn prefill_streams(
+    pool: &PgPool,
+    topic: &str,
+    events: usize,
+    bytes: usize,
+    streams: u32,
 ) -> anyhow::Result<()> {
     const CHUNK: usize = 10_000;
     let mut start = 0usize;
@@ -249,7 +262,7 @@ pub(crate) async fn prefill(
         let end = (start + CHUNK).min(events);
         sqlx::query(
             "INSERT INTO txbox.outbox (stream, topic, key, payload, headers, event_id)
-             SELECT 0, $1, convert_to('k' || (i % 1000), 'UTF8'),
+             SELECT (i % 1000) % $5, $1, convert_to('k' || (i % 1000), 'UTF8'),
                     convert_to(rpad(i::text || ':', $4, 'x'), 'UTF8'),
                     jsonb_build_array(jsonb_build_object('key', 'ce_id', 'value', id::text),
                                       jsonb_build_object('key', 'ce_specversion', 'value', '1.0')),
@@ -260,6 +273,7 @@ pub(crate) async fn prefill(
         .bind(i64::try_from(start)?)
         .bind(i64::try_from(end - 1)?)
         .bind(i32::try_from(bytes)?)
+        .bind(i32::try_from(streams.max(1))?)
         .execute(pool)
         .await?;
         start = end;
