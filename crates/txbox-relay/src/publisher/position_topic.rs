@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -62,11 +62,32 @@ impl PositionRecord {
 
 const META_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The recovery consumers' context. librdkafka reports the end of a
+/// partition (`enable.partition.eof`, how the read knows it is done) also
+/// as a client error when it reaches the consumer as it closes; that is
+/// no failure, so it is not logged as one. Other errors are logged as
+/// rdkafka's default context does.
+struct RecoveryContext;
+
+impl ClientContext for RecoveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            tracing::debug!(reason, "position topic read to the end");
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for RecoveryContext {}
+
+type RecoveryConsumer = BaseConsumer<RecoveryContext>;
+
 fn consumer(
     settings: &PublisherSettings,
     isolation: &str,
     eof: bool,
-) -> Result<BaseConsumer, KafkaError> {
+) -> Result<RecoveryConsumer, KafkaError> {
     settings
         .client_config()
         .set(
@@ -80,11 +101,11 @@ fn consumer(
         .set("allow.auto.create.topics", "false")
         .set("isolation.level", isolation)
         .set("enable.partition.eof", if eof { "true" } else { "false" })
-        .create()
+        .create_with_context(RecoveryContext)
 }
 
 /// The topic's partition ids, or `None` when it does not exist.
-fn partitions(c: &BaseConsumer, topic: &str) -> Result<Option<Vec<i32>>, KafkaError> {
+fn partitions(c: &RecoveryConsumer, topic: &str) -> Result<Option<Vec<i32>>, KafkaError> {
     let meta = c.fetch_metadata(Some(topic), META_TIMEOUT)?;
     Ok(meta
         .topics()
