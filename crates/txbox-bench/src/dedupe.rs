@@ -113,6 +113,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 dedupe,
                 group,
                 instances: 1,
+                kafka: &[],
             };
             inbox(&db, bootstrap, input, c).await
         };

@@ -107,6 +107,7 @@ pub(crate) async fn run(
     n: usize,
     key_order: txbox::outbox::KeyOrder,
     instances: usize,
+    kafka: &[(String, String)],
 ) -> anyhow::Result<InboxRun> {
     let input = filled(bootstrap, shape.partitions, n, Ids::Random).await?;
     let consume_only = consume_only(bootstrap, &input.topic, n).await?;
@@ -129,6 +130,7 @@ pub(crate) async fn run(
             dedupe: Dedupe::EventIds,
             group: None,
             instances,
+            kafka,
         },
     )
     .await?;
@@ -149,6 +151,8 @@ pub(crate) struct Consumers<'a> {
     /// Inboxes in the group, each its own Kafka consumer and pool (in this
     /// process: they share its cores).
     pub instances: usize,
+    /// librdkafka properties for the inboxes' consumers.
+    pub kafka: &'a [(String, String)],
 }
 
 /// Consumes `input` with txbox inboxes; returns messages/s from the first
@@ -182,7 +186,11 @@ pub(crate) async fn inbox(
                 },
             )
             .batch_size(c.batch)
-            .dedupe(c.dedupe)
+            .dedupe(c.dedupe);
+        let inbox = c
+            .kafka
+            .iter()
+            .fold(inbox, |b, (k, v)| b.kafka_option(k, v))
             .build()?;
         let s = stop.clone();
         tasks.spawn(async move { inbox.run(async move { s.cancelled().await }).await });

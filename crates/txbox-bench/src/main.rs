@@ -121,6 +121,11 @@ enum What {
         /// this process, so on the same cores).
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// A librdkafka property for the inbox's consumers only, as
+        /// `KEY=VALUE` (repeatable; `InboxBuilder::kafka_option`), e.g.
+        /// `--inbox-option fetch.wait.max.ms=500` for librdkafka's default.
+        #[arg(long = "inbox-option", value_parser = parse_option)]
+        inbox_options: Vec<(String, String)>,
     },
     /// The relay against plain transactional and idempotent producers,
     /// and its latency at a steady rate.
@@ -224,6 +229,14 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// `KEY=VALUE`, as `--inbox-option` takes it.
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
 pub(crate) fn parse_shape(s: &str) -> Result<Shape, String> {
     let (b, p) = s
         .split_once('x')
@@ -267,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
             shapes,
             key_order,
             instances,
+            inbox_options,
         } => {
             let order = txbox::outbox::KeyOrder::from(key_order);
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
@@ -348,8 +362,16 @@ async fn main() -> anyhow::Result<()> {
                         Some(bin) => pgbench::run(bin, &db.options, &db.name, shape, dur)?,
                         None => f64::NAN,
                     };
-                    let run =
-                        inbox::run(&db, bootstrap, shape, n.max(1000), order, instances).await?;
+                    let run = inbox::run(
+                        &db,
+                        bootstrap,
+                        shape,
+                        n.max(1000),
+                        order,
+                        instances,
+                        &inbox_options,
+                    )
+                    .await?;
                     let row = Round {
                         inbox: run.inbox,
                         hand_written: run.hand_written,
