@@ -12,7 +12,8 @@
 //! 2. the chain's maximum sustained rate: `--events` messages through A,
 //!    the relay and B, messages/s from B's first commit to B's last, and
 //!    the ratio to step 1 (all three stages share the machine's cores);
-//! 3. latency at `--rate` messages/s for `--seconds`: each input message
+//! 3. latency at `--rate` messages/s for `--seconds`, after `--warmup`
+//!    seconds at that rate that are not counted: each input message
 //!    carries its produce time (wall clock, microseconds); B's transaction
 //!    sends it with `pg_notify`, delivered when that transaction commits,
 //!    and the benchmark's listener takes the difference: input produced to
@@ -56,6 +57,11 @@ pub(crate) struct Args {
     /// Length of the latency run, seconds.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Seconds at the same rate before the latency run, not counted: the
+    /// input producer's start (its producer id, the topic's metadata) and
+    /// the first transactions on the new topics.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
 }
 
 /// Inbox A: `account:produced_us` in, one account update and one event
@@ -274,16 +280,19 @@ async fn phases(
     listener.listen(CHANNEL).await?;
     // Let the inboxes' assignments of the latency topics settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let warm = args.rate * args.warmup as usize;
     let sent = args.rate * args.seconds as usize;
+    let counted_from = now_us() + i64::try_from(args.warmup * 1_000_000)?;
     let producer = tokio::spawn(fill(
         bootstrap.to_owned(),
         latency_in.clone(),
-        sent,
+        warm + sent,
         Some(args.rate),
     ));
     let mut latencies: Vec<Duration> = Vec::with_capacity(sent);
-    let deadline = Instant::now() + Duration::from_secs(args.seconds + 30);
-    while latencies.len() < sent && Instant::now() < deadline {
+    let mut warmup: Vec<Duration> = Vec::with_capacity(warm);
+    let deadline = Instant::now() + Duration::from_secs(args.warmup + args.seconds + 30);
+    while latencies.len() + warmup.len() < warm + sent && Instant::now() < deadline {
         let Ok(note) = tokio::time::timeout(Duration::from_secs(1), listener.recv()).await else {
             if let Some(done) = tasks.try_join_next() {
                 done??;
@@ -298,7 +307,12 @@ async fn phases(
             .split(',')
             .filter_map(|t| t.parse::<i64>().ok())
         {
-            latencies.push(Duration::from_micros(u64::try_from(now - t).unwrap_or(0)));
+            let latency = Duration::from_micros(u64::try_from(now - t).unwrap_or(0));
+            if t < counted_from {
+                warmup.push(latency);
+            } else {
+                latencies.push(latency);
+            }
         }
     }
     producer.await??;
@@ -311,14 +325,19 @@ async fn phases(
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "latency input produced -> ledger committed at {} messages/s for {}s: {} of {} arrived; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "latency input produced -> ledger committed at {} messages/s for {}s after {}s of warm-up: \
+         {} of {} arrived; of the {} produced after the warm-up: p50 {:.1} ms, p99 {:.1} ms, \
+         max {:.1} ms (warm-up max {:.1} ms)",
         args.rate,
         args.seconds,
+        args.warmup,
+        latencies.len() + warmup.len(),
+        warm + sent,
         latencies.len(),
-        sent,
         ms(pct(0.50)),
         ms(pct(0.99)),
-        ms(latencies[latencies.len() - 1])
+        ms(latencies[latencies.len() - 1]),
+        ms(warmup.iter().max().copied().unwrap_or_default()),
     );
     stop.cancel();
     while let Some(done) = tasks.join_next().await {
