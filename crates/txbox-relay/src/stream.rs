@@ -379,12 +379,7 @@ impl StreamTask {
                     pruned = pruner.prune_after(
                         &pool,
                         token,
-                        // Kept for this token while the position is past it
-                        // (it never moves back within a token, unless a
-                        // history check is about to stop the stream).
-                        resume
-                            .filter(|(t, p)| *t == token && *p <= upto)
-                            .map_or(Position::START, |(_, p)| p),
+                        prune_resume_point(resume, token, upto),
                         upto,
                         PRUNE_BATCHES_PER_ROUND,
                     ) => pruned,
@@ -409,6 +404,21 @@ impl StreamTask {
             }
         })
     }
+}
+
+/// Where the next prune round of `token` up to `upto` starts: after the
+/// last row the previous round deleted, if that round ran under the same
+/// token and that row is at or before `upto`; otherwise from the stream's
+/// start. Under one token the position never moves back (unless a history
+/// check is about to stop the stream), and nothing at or before a
+/// published position is staged later, so the rows before the resume point
+/// are gone. A new token (another leader, or this one after losing the
+/// lease) may hold a position another leader's rounds never reached, and a
+/// resume point past `upto` would skip nothing but is not trusted either.
+fn prune_resume_point(resume: Option<(i64, Position)>, token: i64, upto: Position) -> Position {
+    resume
+        .filter(|(t, p)| *t == token && *p <= upto)
+        .map_or(Position::START, |(_, p)| p)
 }
 
 fn pruner_batch(p: &Pruner) -> u64 {
@@ -859,5 +869,34 @@ impl Leader<'_> {
                 Err(e) => return Err(Exit::Stop(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(txid: u64, id: i64) -> Position {
+        Position { txid, id }
+    }
+
+    #[test]
+    fn a_prune_round_resumes_only_under_its_own_token_and_below_the_position() {
+        let last = at(10, 500);
+        // The same token, the position at or past the last deleted row.
+        assert_eq!(prune_resume_point(Some((7, last)), 7, at(12, 900)), last);
+        assert_eq!(prune_resume_point(Some((7, last)), 7, last), last);
+        // A new token starts over: its rounds never deleted anything yet.
+        assert_eq!(
+            prune_resume_point(Some((7, last)), 8, at(12, 900)),
+            Position::START
+        );
+        // A position behind the resume point (a history check is about to
+        // stop the stream) is not trusted either.
+        assert_eq!(
+            prune_resume_point(Some((7, last)), 7, at(9, 400)),
+            Position::START
+        );
+        assert_eq!(prune_resume_point(None, 7, last), Position::START);
     }
 }
