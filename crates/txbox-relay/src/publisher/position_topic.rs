@@ -62,11 +62,12 @@ impl PositionRecord {
 
 const META_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The recovery consumers' context. librdkafka reports the end of a
-/// partition (`enable.partition.eof`, how the read knows it is done) also
-/// as a client error when it reaches the consumer as it closes; that is
-/// no failure, so it is not logged as one. Other errors are logged as
-/// rdkafka's default context does.
+/// The recovery consumers' context. rdkafka hands every error event to
+/// the context's `error` before `poll` returns it, the end of a partition
+/// (`enable.partition.eof`, how the read knows it is done) included, and
+/// the default context logs them all as errors; the end of a partition is
+/// no failure, so it is logged at debug. Other errors are logged as errors
+/// (through `tracing`, under this module's target).
 struct RecoveryContext;
 
 impl ClientContext for RecoveryContext {
