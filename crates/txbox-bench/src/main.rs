@@ -124,7 +124,7 @@ enum What {
         /// A librdkafka property for the inbox's consumers only, as
         /// `KEY=VALUE` (repeatable; `InboxBuilder::kafka_option`), e.g.
         /// `--inbox-option fetch.wait.max.ms=500` for librdkafka's default.
-        #[arg(long = "inbox-option", value_parser = parse_option)]
+        #[arg(long = "inbox-option", value_name = "KEY=VALUE", value_parser = txbox::kafka::parse_option)]
         inbox_options: Vec<(String, String)>,
     },
     /// The relay against plain transactional and idempotent producers,
@@ -227,14 +227,6 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[mid - 1] + v[mid]) / 2.0
     }
-}
-
-/// `KEY=VALUE`, as `--inbox-option` takes it.
-fn parse_option(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .filter(|(k, _)| !k.is_empty())
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 pub(crate) fn parse_shape(s: &str) -> Result<Shape, String> {

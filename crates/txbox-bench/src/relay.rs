@@ -73,23 +73,16 @@ pub(crate) struct Args {
     #[arg(long)]
     no_baselines: bool,
     /// Extra librdkafka option for the relay, key=value (repeatable).
-    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
-    kafka_options: Vec<String>,
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = txbox::kafka::parse_option)]
+    kafka_options: Vec<(String, String)>,
     /// Extra librdkafka option for both baseline producers, key=value
     /// (repeatable).
-    #[arg(long = "baseline-kafka-option", value_name = "KEY=VALUE")]
-    baseline_kafka_options: Vec<String>,
-}
-
-/// Splits `key=value` options.
-fn kafka_options(flag: &str, options: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    options
-        .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-            None => bail!("--{flag} {kv:?} must be key=value"),
-        })
-        .collect()
+    #[arg(
+        long = "baseline-kafka-option",
+        value_name = "KEY=VALUE",
+        value_parser = txbox::kafka::parse_option
+    )]
+    baseline_kafka_options: Vec<(String, String)>,
 }
 
 /// Runs the benchmark on a fresh database of the server `database_url`,
@@ -141,10 +134,8 @@ async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()>
     // fenced.
     config.transactional_id_prefix = format!("txbox-bench-relay-{run}");
     config.position_topic = format!("bench-positions-{run}");
-    config
-        .kafka
-        .extend(kafka_options("kafka-option", &args.kafka_options)?);
-    let baseline_options = kafka_options("baseline-kafka-option", &args.baseline_kafka_options)?;
+    config.kafka.extend(args.kafka_options.iter().cloned());
+    let baseline_options = &args.baseline_kafka_options;
     let shutdown = CancellationToken::new();
     let t = Instant::now();
     let relay = tokio::spawn(txbox_relay::run(config, shutdown.clone()));
@@ -191,7 +182,7 @@ async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()>
         let records = Arc::new(records(args.events, args.payload_bytes));
         // 3. Plain transactional producer, same records, same transaction size.
         let txn_rate = {
-            let config = baseline_config(bootstrap, &baseline_options);
+            let config = baseline_config(bootstrap, baseline_options);
             let (topic, records) = (txn_topic.clone(), records.clone());
             let transactional_id = format!("bench-txn-{run}");
             let per_txn = args.batch_size;
@@ -206,7 +197,7 @@ async fn bench(args: &Args, db: &BenchDb, bootstrap: &str) -> anyhow::Result<()>
         );
         // 4. Plain idempotent producer, same records.
         let plain_rate = plain_producer(
-            baseline_config(bootstrap, &baseline_options),
+            baseline_config(bootstrap, baseline_options),
             &plain_topic,
             &records,
         )
