@@ -66,8 +66,8 @@ const META_TIMEOUT: Duration = Duration::from_secs(10);
 /// the context's `error` before `poll` returns it, the end of a partition
 /// (`enable.partition.eof`, how the read knows it is done) included, and
 /// the default context logs them all as errors; the end of a partition is
-/// no failure, so it is logged at debug. Other errors are logged as errors
-/// (through `tracing`, under this module's target).
+/// no failure, so it is logged at debug. Other errors go to the default
+/// context, as for every other client.
 struct RecoveryContext;
 
 impl ClientContext for RecoveryContext {
@@ -75,7 +75,7 @@ impl ClientContext for RecoveryContext {
         if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
             tracing::debug!(reason, "position topic read to the end");
         } else {
-            tracing::error!("librdkafka: {error}: {reason}");
+            DefaultClientContext.error(error, reason);
         }
     }
 }
