@@ -300,6 +300,16 @@ fn resume_drained(consumer: &StreamConsumer<InboxContext>) {
 /// How long [`wake_fetcher`] waits for its answer, which is not used.
 const WAKE_TIMEOUT: Duration = Duration::from_millis(10);
 
+/// librdkafka options the inbox sets unless the user did
+/// ([`InboxBuilder::kafka_option`]).
+const KAFKA_DEFAULTS: &[(&str, &str)] = &[
+    // Only used when a stored position is out of range (retention deleted
+    // it, or the topic was recreated): continue from the oldest message
+    // retained; the workers follow the move.
+    ("auto.offset.reset", "earliest"),
+    ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+];
+
 /// The inbox's default `fetch.wait.max.ms` (librdkafka's is 500): how long
 /// the broker holds a fetch at the end of the log before answering empty.
 /// librdkafka keeps one fetch in flight per broker, so a partition resumed
@@ -309,7 +319,7 @@ const WAKE_TIMEOUT: Duration = Duration::from_millis(10);
 /// 0.81 of the hand-written consumer at 500 ms, 1.03 at 100 ms). The
 /// price: an idle consumer sends up to ten fetch requests a second to
 /// each broker leading one of its partitions, instead of two.
-const FETCH_WAIT_MAX_MS: u32 = 100;
+const FETCH_WAIT_MAX_MS: &str = "100";
 
 /// Sends a watermark query to the partition's leader: queueing the request
 /// wakes the thread that serves that broker, which then sees the partition
@@ -554,15 +564,10 @@ impl InboxBuilder {
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
-        if self.kafka.get("auto.offset.reset").is_none() {
-            // Only used when a stored position is out of range (retention
-            // deleted it, or the topic was recreated): continue from the
-            // oldest message retained; the workers follow the move.
-            self.kafka.set("auto.offset.reset", "earliest");
-        }
-        if self.kafka.get("fetch.wait.max.ms").is_none() {
-            self.kafka
-                .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string());
+        for (key, value) in KAFKA_DEFAULTS {
+            if self.kafka.get(key).is_none() {
+                self.kafka.set(*key, *value);
+            }
         }
         let owner = self
             .owner
