@@ -17,6 +17,15 @@
 //! - **offsets-only**: the inbox with `Dedupe::OffsetsOnly` over messages
 //!   with ids: no row.
 //!
+//! The two variants that insert ids take turns going first (ABBA over four
+//! rounds), and each is followed by a pause for PostgreSQL's statistics to
+//! settle
+//! ([`crate::pg_io`]): printed per message are the primary keys' blocks
+//! read from outside shared buffers, the full-page images and the WAL
+//! bytes each wrote, which is where the time goes as the index outgrows
+//! memory. `--prewarm` loads both primary keys into shared buffers first,
+//! as a running service's would be if they fit.
+//!
 //! Pruning runs at its defaults (every 60 s, ids older than 14 days: the
 //! pre-filled ids are dated over the last 13 days, so it deletes none, as in
 //! a service whose traffic is steady).
@@ -29,6 +38,7 @@ use txbox::outbox::KeyOrder;
 
 use crate::ceiling::BenchDb;
 use crate::inbox::{filled, inbox, Consumers, Filled, Ids};
+use crate::pg_io::{measured, RunIo, Snapshot, SETTLE};
 use crate::{median, Shape};
 
 /// The group whose dedupe state is pre-filled.
@@ -43,7 +53,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
     /// Rounds per size (each runs every variant).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     rounds: usize,
     /// The shape, `BATCHxPARTITIONS`.
     #[arg(long, value_parser = crate::parse_shape, default_value = "100x4")]
@@ -54,9 +64,15 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = Ids::Random)]
     ids: Ids,
     /// Write each size's medians (prefill, both tables' MB, the four
-    /// variants' messages/s) to this CSV file.
+    /// variants' messages/s, both primary keys' MB) to this CSV file.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Load both dedupe tables' primary keys into shared buffers
+    /// (`pg_prewarm`) after each prefill, as a running service's would be
+    /// when `shared_buffers` holds them. Without it the runs start with
+    /// the indexes just built, outside shared buffers.
+    #[arg(long)]
+    prewarm: bool,
 }
 
 /// One round's messages/s.
@@ -67,6 +83,17 @@ struct Round {
     positions: f64,
     offsets_only: f64,
 }
+
+/// One round's PostgreSQL work per message, for the two variants that
+/// write id rows.
+#[derive(Debug, Clone, Copy)]
+struct RoundIo {
+    hand_written: RunIo,
+    ids: RunIo,
+}
+
+/// The dedupe tables' unique indexes, whose block reads are counted.
+const DEDUPE_INDEXES: [&str; 2] = ["inbox_processed_pkey", "processed_events_pkey"];
 
 pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<()> {
     let db = BenchDb::create(database_url).await?;
@@ -95,15 +122,35 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
     );
     let mut filled_to = 0u64;
     let mut empty: Option<Round> = None;
-    let mut csv =
-        String::from("prefill,txbox_mb,hand_written_mb,hand_written,ids,positions,offsets_only\n");
+    if args.prewarm {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+            .execute(&db.pool)
+            .await?;
+    }
+    let mut csv = String::from(
+        "prefill,txbox_mb,hand_written_mb,hand_written,ids,positions,offsets_only,\
+         txbox_index_mb,hand_written_index_mb\n",
+    );
     for &size in &args.prefill {
         anyhow::ensure!(size >= filled_to, "--prefill sizes must ascend");
         let t = Instant::now();
         prefill(&db.pool, filled_to, size, args.ids).await?;
         filled_to = size;
         let fill_s = t.elapsed().as_secs_f64();
-        let (txbox_mb, hand_mb) = sizes(&db.pool).await?;
+        let Sizes {
+            txbox: txbox_mb,
+            hand_written: hand_mb,
+            txbox_key: txbox_index_mb,
+            hand_written_key: hand_index_mb,
+        } = sizes(&db.pool).await?;
+        if args.prewarm && size > 0 {
+            for index in ["txbox.inbox_processed_pkey", "processed_events_pkey"] {
+                sqlx::query("SELECT pg_prewarm($1::regclass)")
+                    .bind(index)
+                    .execute(&db.pool)
+                    .await?;
+            }
+        }
         let mut rounds = Vec::new();
         // The inbox over `input`, at the shape's batch size, one instance.
         let consume = async |input: &Filled, dedupe: Dedupe, group: Option<&str>| {
@@ -117,18 +164,55 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
             };
             inbox(&db, bootstrap, input, c).await
         };
-        for _ in 0..args.rounds {
+        // The prefill's statistics (and VACUUM's) settle before the first
+        // run's are counted.
+        tokio::time::sleep(SETTLE).await;
+        let mut at = Snapshot::take(&db.pool, &DEDUPE_INDEXES).await?;
+        let mut io = Vec::new();
+        for round in 0..args.rounds {
             let with_ids = filled(bootstrap, shape.partitions, args.messages, args.ids).await?;
-            let hand_written = crate::baseline::run(
-                &db.pool,
-                bootstrap,
-                &with_ids.topic,
-                shape.partitions,
-                shape.batch,
-                args.messages,
-            )
-            .await?;
-            let ids = consume(&with_ids, Dedupe::EventIds, Some(GROUP)).await?;
+            let hand = || {
+                crate::baseline::run(
+                    &db.pool,
+                    bootstrap,
+                    &with_ids.topic,
+                    shape.partitions,
+                    shape.batch,
+                    args.messages,
+                )
+            };
+            let ids = || consume(&with_ids, Dedupe::EventIds, Some(GROUP));
+            let (pool, n) = (&db.pool, args.messages);
+            // The two variants that insert ids take turns going first, in
+            // the order hand-written first, ids first, ids first,
+            // hand-written first (and again): the one that runs right
+            // after the prefill (or the other's run) meets another state
+            // of the caches, and over four rounds each order meets each
+            // place in the sequence.
+            let hand_first = matches!(round % 4, 0 | 3);
+            let ((hand_written, hand_io), (ids, ids_io)) = if hand_first {
+                let (h, h_io, next) = measured(pool, &DEDUPE_INDEXES, n, at, hand()).await?;
+                let (i, i_io, _) = measured(pool, &DEDUPE_INDEXES, n, next, ids()).await?;
+                ((h, h_io), (i, i_io))
+            } else {
+                let (i, i_io, next) = measured(pool, &DEDUPE_INDEXES, n, at, ids()).await?;
+                let (h, h_io, _) = measured(pool, &DEDUPE_INDEXES, n, next, hand()).await?;
+                ((h, h_io), (i, i_io))
+            };
+            let round_io = RoundIo {
+                hand_written: hand_io,
+                ids: ids_io,
+            };
+            print_io(
+                &format!("{size} #{}", round + 1),
+                if hand_first {
+                    " (hand-written first)"
+                } else {
+                    " (ids first)"
+                },
+                &[round_io],
+            );
+            io.push(round_io);
             let offsets_only = consume(&with_ids, Dedupe::OffsetsOnly, None).await?;
             let without = filled(bootstrap, shape.partitions, args.messages, Ids::None).await?;
             let positions = consume(&without, Dedupe::EventIds, Some(GROUP)).await?;
@@ -140,7 +224,17 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
             };
             print_row(&format!("{size}"), txbox_mb, hand_mb, fill_s, &r);
             rounds.push(r);
+            // The watermark variants' runs are not counted; the next
+            // round's first run starts from a settled reading.
+            tokio::time::sleep(SETTLE).await;
+            at = Snapshot::take(&db.pool, &DEDUPE_INDEXES).await?;
         }
+        print_io(&format!("{size} med."), "", &io);
+        println!(
+            "{:>11} primary keys: txbox {txbox_index_mb:.0} MB, hand-written {hand_index_mb:.0} MB{}",
+            "",
+            if args.prewarm && size > 0 { " (prewarmed)" } else { "" }
+        );
         let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
         let med = Round {
             hand_written: m(|r| r.hand_written),
@@ -150,7 +244,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
         };
         print_row(&format!("{size} med."), txbox_mb, hand_mb, fill_s, &med);
         csv.push_str(&format!(
-            "{size},{txbox_mb:.0},{hand_mb:.0},{:.0},{:.0},{:.0},{:.0}\n",
+            "{size},{txbox_mb:.0},{hand_mb:.0},{:.0},{:.0},{:.0},{:.0},{txbox_index_mb:.0},{hand_index_mb:.0}\n",
             med.hand_written, med.ids, med.positions, med.offsets_only
         ));
         let base = *empty.get_or_insert(med);
@@ -169,6 +263,25 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
         println!("medians written to {}", path.display());
     }
     Ok(())
+}
+
+/// The id-writing variants' PostgreSQL work per message (the median of
+/// `io`'s rounds), and the checkpoints counted during their runs (summed).
+fn print_io(label: &str, note: &str, io: &[RoundIo]) {
+    let m = |f: &dyn Fn(&RoundIo) -> f64| median(io.iter().map(f).collect());
+    let checkpoints = |f: &dyn Fn(&RoundIo) -> i64| io.iter().map(f).sum::<i64>();
+    println!(
+        "{label:>11} per message: hand-written {:.2} index blocks read, {:.2} full-page images, \
+         {:.0} WAL bytes, {} checkpoints; ids {:.2}, {:.2}, {:.0}, {}{note}",
+        m(&|r| r.hand_written.blocks_read),
+        m(&|r| r.hand_written.fpi),
+        m(&|r| r.hand_written.wal_bytes),
+        checkpoints(&|r| r.hand_written.checkpoints),
+        m(&|r| r.ids.blocks_read),
+        m(&|r| r.ids.fpi),
+        m(&|r| r.ids.wal_bytes),
+        checkpoints(&|r| r.ids.checkpoints),
+    );
 }
 
 fn print_row(label: &str, txbox_mb: f64, hand_mb: f64, fill_s: f64, r: &Round) {
@@ -251,16 +364,41 @@ async fn prefill(pool: &PgPool, from: u64, to: u64, ids: Ids) -> anyhow::Result<
             .execute(pool)
             .await?;
     }
+    // The load and the index builds write gigabytes of WAL and start
+    // checkpoints of their own; the pages written to the WAL after the
+    // last of them need no full-page image at their first change, the
+    // others do, and which are which is chance. A checkpoint now puts
+    // both indexes where a service's stand after each checkpoint (and
+    // writes out the load's dirty buffers before the runs).
+    sqlx::raw_sql("CHECKPOINT").execute(pool).await?;
     Ok(())
 }
 
-/// Table plus index size of txbox's and the hand-written dedupe table, MB.
-async fn sizes(pool: &PgPool) -> anyhow::Result<(f64, f64)> {
-    let (a, b): (i64, i64) = sqlx::query_as(
+/// Sizes, MB, of txbox's and the hand-written consumer's dedupe tables.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    /// Each table with its indexes.
+    txbox: f64,
+    hand_written: f64,
+    /// Each table's primary key.
+    txbox_key: f64,
+    hand_written_key: f64,
+}
+
+async fn sizes(pool: &PgPool) -> anyhow::Result<Sizes> {
+    let (a, b, c, d): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT pg_total_relation_size('txbox.inbox_processed'),
-                pg_total_relation_size('processed_events')",
+                pg_total_relation_size('processed_events'),
+                pg_relation_size('txbox.inbox_processed_pkey'),
+                pg_relation_size('processed_events_pkey')",
     )
     .fetch_one(pool)
     .await?;
-    Ok((a as f64 / 1e6, b as f64 / 1e6))
+    let mb = |n: i64| n as f64 / 1e6;
+    Ok(Sizes {
+        txbox: mb(a),
+        hand_written: mb(b),
+        txbox_key: mb(c),
+        hand_written_key: mb(d),
+    })
 }

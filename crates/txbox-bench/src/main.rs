@@ -68,6 +68,7 @@ mod ceiling;
 mod chain;
 mod dedupe;
 mod inbox;
+mod pg_io;
 mod pgbench;
 mod relay;
 mod relay_scale;
