@@ -4,11 +4,16 @@
 //! first is frozen (SIGSTOP) inside a transaction until the group gives its
 //! partition to the second.
 //!
-//! - Thawed, its commit must be fenced, and every message applied once;
-//!   the same when an operator deleted the partition's offsets row
-//!   meanwhile and the successor created it again at the same offset
-//!   (epochs come from one sequence, so the new row's epoch is not the
-//!   zombie's).
+//! - Thawed, its commit must be fenced, and every message applied once:
+//!   frozen inside its handler, or between two batches (its next
+//!   transaction starts with the epoch it no longer holds); the same when
+//!   an operator deleted the partition's offsets row meanwhile and the
+//!   successor created it again at the same offset (epochs come from one
+//!   sequence, so the new row's epoch is not the zombie's). A thawed
+//!   zombie's Kafka client learns at once that it left the group; the
+//!   zombies here hear of it 5 s late (`inbox.before_release`), as a
+//!   consumer whose poll thread is stuck would, so their stale
+//!   transactions meet the database's fence every time.
 //! - Kept frozen, inside its handler (holding uncommitted event-id rows the
 //!   successor must write too) or between its fenced advance and COMMIT
 //!   (holding the offsets row the successor's claim updates), it must not
@@ -87,6 +92,47 @@ async fn freeze_in_handler(zombie: &Child, offset: i64) {
     zombie.freeze();
 }
 
+/// The zombies' failpoints: `points` (`;`-separated), and the release of
+/// revoked partitions held back 5 s (see the module docs).
+fn late_release(points: &str) -> String {
+    let late = "inbox.before_release=sleep(5000)";
+    if points.is_empty() {
+        late.to_owned()
+    } else {
+        format!("{points};{late}")
+    }
+}
+
+/// Waits until the zombie logs that its commit was fenced.
+async fn assert_fenced(zombie: &Child) {
+    assert!(
+        zombie
+            .wait_for_stderr("fenced: partition reassigned", Duration::from_secs(30))
+            .await,
+        "the zombie's commit was not fenced:\n{}",
+        zombie.stderr()
+    );
+}
+
+/// Thaws `zombie`, which had applied `applied_before` messages, while
+/// `successor` holds its partition: the zombie's next commit must be
+/// fenced, it must apply nothing more, and the successor must finish with
+/// every message applied once.
+async fn wake_fenced(scene: &Deposits, zombie: Child, successor: Child, applied_before: i64) {
+    zombie.thaw();
+    assert_fenced(&zombie).await;
+    let done = scene.wait_processed(Duration::from_secs(60)).await;
+    assert!(done, "successor did not finish:\n{}", successor.stderr());
+    let zombie_applied = scene.applied(Some("zombie")).await;
+    let zombie_log = zombie.stderr();
+    stop(vec![successor, zombie]).await;
+    assert_eq!(
+        zombie_applied, applied_before,
+        "the zombie committed after it woke:\n{zombie_log}"
+    );
+    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
+}
+
 /// Stops both processes, thawing first (a stopped process does not act on
 /// SIGTERM).
 async fn stop(mut processes: Vec<Child>) {
@@ -102,7 +148,12 @@ async fn stop(mut processes: Vec<Child>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_consumer_is_fenced_when_it_wakes() {
     let scene = Deposits::produce("zombie", 60, 6).await;
-    let slow = [("CHAOS_SLOW_OFFSET", "25"), ("CHAOS_SLOW_SECS", "2")];
+    let late = late_release("");
+    let slow = [
+        ("CHAOS_SLOW_OFFSET", "25"),
+        ("CHAOS_SLOW_SECS", "2"),
+        ("FAILPOINTS", late.as_str()),
+    ];
     let zombie = consumer(&scene, "zombie", &slow);
     // Inside the transaction for offsets 20..30: freeze it there.
     freeze_in_handler(&zombie, 25).await;
@@ -120,19 +171,38 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
     let successor = consumer(&scene, "successor", &[]);
     wait_claimed_after(&scene, before, &successor).await;
 
-    // Wake the zombie: its handler finishes and it tries to commit.
-    zombie.thaw();
+    // Wake the zombie: its handler finishes and it tries to commit (the
+    // idle bound has ended its transaction meanwhile: it retries the batch
+    // in a new one, with the epoch it had).
+    wake_fenced(&scene, zombie, successor, applied_before).await;
+}
+
+/// The zombie is frozen right after a commit, outside any transaction, so
+/// nothing of it ends while it sleeps. Thawed, it takes its next batch,
+/// already fetched, and starts a transaction with the epoch the successor
+/// replaced: the fenced advance must refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_frozen_between_batches_is_fenced_when_it_wakes() {
+    let scene = Deposits::produce("zombie-between", 60, 6).await;
+    // Its third commit freezes it.
+    let points = late_release("inbox.after_commit=2*off->return(freeze)");
+    let zombie = consumer(&scene, "zombie", &[("FAILPOINTS", points.as_str())]);
     assert!(
         zombie
-            .wait_for_stderr("fenced", Duration::from_secs(30))
+            .wait_for_stderr(
+                "TXBOX_CRASH_POINT inbox.after_commit (frozen)",
+                Duration::from_secs(60)
+            )
             .await,
-        "the zombie's commit was not fenced:\n{}",
+        "zombie never reached the point:\n{}",
         zombie.stderr()
     );
-    let done = scene.wait_processed(Duration::from_secs(60)).await;
-    assert!(done, "successor did not finish:\n{}", successor.stderr());
-    stop(vec![successor, zombie]).await;
-    Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
+    let applied_before = scene.applied(Some("zombie")).await;
+    let before = epoch(&scene).await;
+    let successor = consumer(&scene, "successor", &[]);
+    wait_claimed_after(&scene, before, &successor).await;
+
+    wake_fenced(&scene, zombie, successor, applied_before).await;
 }
 
 /// An operator deletes the group's offsets row while its consumer is
@@ -143,7 +213,12 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_fenced_after_its_offsets_row_was_deleted_and_recreated() {
     let scene = Deposits::produce("zombie-deleted", 30, 3).await;
-    let slow = [("CHAOS_SLOW_OFFSET", "0"), ("CHAOS_SLOW_SECS", "2")];
+    let late = late_release("");
+    let slow = [
+        ("CHAOS_SLOW_OFFSET", "0"),
+        ("CHAOS_SLOW_SECS", "2"),
+        ("FAILPOINTS", late.as_str()),
+    ];
     let zombie = consumer(&scene, "zombie", &slow);
     // Inside its first transaction, which expects offset 0: freeze it there.
     freeze_in_handler(&zombie, 0).await;
@@ -163,6 +238,7 @@ async fn a_zombie_is_fenced_after_its_offsets_row_was_deleted_and_recreated() {
     // Wake the zombie: its handler finishes and it tries to commit offsets
     // 0.. with its old epoch.
     zombie.thaw();
+    assert_fenced(&zombie).await;
     let done = scene.wait_processed(Duration::from_secs(60)).await;
     assert!(done, "successor did not finish:\n{}", successor.stderr());
     let zombie_log = zombie.stderr();
@@ -240,13 +316,14 @@ async fn a_zombie_frozen_before_its_commit_does_not_stall_the_successor() {
         "zombie never reached the point:\n{}",
         zombie.stderr()
     );
+    let zombie_log = zombie.stderr();
     let zombie_applied = successor_finishes(&scene, zombie).await;
     // Batches hold up to 10 messages but may hold fewer (linger), so the
     // count of what committed before the freeze is not exact; the frozen
     // third batch cannot have committed while the process is stopped.
     assert!(
         zombie_applied < 30,
-        "the zombie committed its frozen batch ({zombie_applied} applied)"
+        "the zombie committed its frozen batch ({zombie_applied} applied):\n{zombie_log}"
     );
     Bank::assert_exactly_once(scene.db.pool(), &scene.deposits).await;
 }

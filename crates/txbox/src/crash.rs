@@ -12,6 +12,9 @@
 //!   (a long GC pause, a descheduled VM), and carries on from there when
 //!   the harness sends SIGCONT: a zombie that wakes up.
 //!
+//! [`delay_point!`] marks a step tests may only slow down (`fail`'s
+//! `sleep(ms)` action): it is no crash point and is not swept.
+//!
 //! Without the feature the macro compiles to nothing.
 //!
 //! [`POINTS`] lists every crash point in txbox and txbox-relay; a unit
@@ -52,6 +55,24 @@ macro_rules! crash_point {
     };
 }
 
+/// Marks a step where tests may stall the thread that reaches it, with
+/// `fail`'s `sleep(ms)` action (e.g.
+/// `FAILPOINTS=inbox.before_release=sleep(3000)`): a consumer that learns
+/// late that it lost a partition. Not a crash point: not in [`POINTS`],
+/// not swept.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! delay_point {
+    ($name:expr) => {
+        #[cfg(feature = "failpoints")]
+        {
+            // `fail` sleeps inside `eval` for `sleep(ms)`; other actions
+            // have no meaning here.
+            let _ = ::fail::eval($name, |_| ());
+        }
+    };
+}
+
 /// Announces the crash point, then parks the process until it is killed,
 /// or (`action` = `freeze`) stops it until it is continued.
 #[cfg(feature = "failpoints")]
@@ -68,11 +89,17 @@ pub fn reached(name: &str, action: Option<&str>) {
     let _ = err.flush();
     drop(err);
     if freeze {
-        // Returns once the harness has sent SIGCONT.
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &std::process::id().to_string()])
-            .status();
-        return;
+        // raise(3) sends SIGSTOP to this thread, which stops the whole
+        // process before the call returns: nothing after the point runs
+        // until the harness sends SIGCONT. (A `kill -STOP` of our own pid
+        // is delivered to whichever thread the kernel picks; this one could
+        // run on, e.g. send its COMMIT, before the process stops.)
+        if let Err(e) = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
+            // The test cannot go on as planned: park, as for `return`.
+            eprintln!("TXBOX_CRASH_POINT {name}: SIGSTOP failed ({e}); parking instead");
+        } else {
+            return;
+        }
     }
     loop {
         std::thread::park();

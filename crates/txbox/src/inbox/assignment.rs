@@ -88,6 +88,11 @@ impl ConsumerContext for InboxContext {
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            // Tests stall here to make a zombie: a consumer whose workers
+            // go on with the partitions the group already gave away.
+            crate::delay_point!("inbox.before_release");
+        }
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.assign(base, &parts, tpl);
