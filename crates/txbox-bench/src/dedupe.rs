@@ -92,8 +92,10 @@ struct RoundIo {
     ids: RunIo,
 }
 
-/// The dedupe tables' unique indexes, whose block reads are counted.
-const DEDUPE_INDEXES: [&str; 2] = ["inbox_processed_pkey", "processed_events_pkey"];
+/// The dedupe tables' primary keys, schema-qualified: the inbox's, then
+/// the hand-written consumer's. Their block reads are counted, their sizes
+/// printed, and `--prewarm` loads them.
+const DEDUPE_INDEXES: [&str; 2] = ["txbox.inbox_processed_pkey", "processed_events_pkey"];
 
 pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<()> {
     let db = BenchDb::create(database_url).await?;
@@ -144,7 +146,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
             hand_written_key: hand_index_mb,
         } = sizes(&db.pool).await?;
         if args.prewarm && size > 0 {
-            for index in ["txbox.inbox_processed_pkey", "processed_events_pkey"] {
+            for index in DEDUPE_INDEXES {
                 sqlx::query("SELECT pg_prewarm($1::regclass)")
                     .bind(index)
                     .execute(&db.pool)
@@ -389,9 +391,11 @@ async fn sizes(pool: &PgPool) -> anyhow::Result<Sizes> {
     let (a, b, c, d): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT pg_total_relation_size('txbox.inbox_processed'),
                 pg_total_relation_size('processed_events'),
-                pg_relation_size('txbox.inbox_processed_pkey'),
-                pg_relation_size('processed_events_pkey')",
+                pg_relation_size($1::regclass),
+                pg_relation_size($2::regclass)",
     )
+    .bind(DEDUPE_INDEXES[0])
+    .bind(DEDUPE_INDEXES[1])
     .fetch_one(pool)
     .await?;
     let mb = |n: i64| n as f64 / 1e6;

@@ -43,8 +43,8 @@ pub(crate) struct RunIo {
 }
 
 impl Snapshot {
-    /// Reads the counters; `indexes` are index names whose block reads
-    /// count.
+    /// Reads the counters; `indexes` are the (schema-qualified where not
+    /// on the search path) names of the indexes whose block reads count.
     pub(crate) async fn take(pool: &PgPool, indexes: &[&str]) -> anyhow::Result<Snapshot> {
         let (wal_bytes, wal_fpi): (f64, f64) =
             sqlx::query_as("SELECT wal_bytes::float8, wal_fpi::float8 FROM pg_stat_wal")
@@ -52,7 +52,7 @@ impl Snapshot {
                 .await?;
         let index_blocks_read: f64 = sqlx::query_scalar(
             "SELECT coalesce(sum(idx_blks_read), 0)::float8 FROM pg_statio_user_indexes
-             WHERE indexrelname = ANY($1)",
+             WHERE indexrelid = ANY($1::text[]::regclass[])",
         )
         .bind(indexes)
         .fetch_one(pool)

@@ -12,10 +12,11 @@
 //!   (a long GC pause, a descheduled VM), and carries on from there when
 //!   the harness sends SIGCONT: a zombie that wakes up.
 //!
-//! [`delay_point!`] marks a step tests may only slow down (`fail`'s
-//! `sleep(ms)` action): it is no crash point and is not swept.
+//! [`delay_point!`](crate::delay_point) marks a step tests may only slow
+//! down (`fail`'s `sleep(ms)` action): it is no crash point and is not
+//! swept.
 //!
-//! Without the feature the macro compiles to nothing.
+//! Without the feature both macros compile to nothing.
 //!
 //! [`POINTS`] lists every crash point in txbox and txbox-relay; a unit
 //! test checks it against the sources, and `tests/crash_sweep.rs` kills
