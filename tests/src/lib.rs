@@ -10,6 +10,7 @@
 //! that were produced.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub struct Bank {
     /// Seconds to sleep inside the handler when a message's offset matches,
     /// announcing `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
     slow_offset: Option<(i64, Duration)>,
+    /// Set once the slow message's handler slept, when only its first
+    /// attempt is slow ([`Bank::slow_once_at`]).
+    slept: Option<Arc<AtomicBool>>,
     /// Sleep inside every message's transaction, to keep a stream flowing.
     pace: Option<Duration>,
 }
@@ -58,6 +62,7 @@ impl Bank {
             outbox,
             topic: BALANCE_CHANGED.to_owned(),
             slow_offset: None,
+            slept: None,
             pace: None,
         }
     }
@@ -76,9 +81,19 @@ impl Bank {
         self
     }
 
-    /// Sleeps `d` inside the transaction of the message at `offset`.
+    /// Sleeps `d` inside the transaction of the message at `offset`, at
+    /// every attempt.
     pub fn slow_at(mut self, offset: i64, d: Duration) -> Self {
         self.slow_offset = Some((offset, d));
+        self.slept = None;
+        self
+    }
+
+    /// Sleeps `d` inside the transaction of the message at `offset`, at its
+    /// first attempt only: a retry runs at full speed.
+    pub fn slow_once_at(mut self, offset: i64, d: Duration) -> Self {
+        self.slow_offset = Some((offset, d));
+        self.slept = Some(Arc::new(AtomicBool::new(false)));
         self
     }
 
@@ -137,7 +152,13 @@ impl Bank {
             tokio::time::sleep(d).await;
         }
         if let Some((offset, sleep)) = self.slow_offset {
-            if msg.offset() == offset {
+            // `&&` keeps other offsets from using up the one slow attempt.
+            if msg.offset() == offset
+                && self
+                    .slept
+                    .as_ref()
+                    .is_none_or(|slept| !slept.swap(true, Ordering::SeqCst))
+            {
                 eprintln!("TXBOX_CHAOS_IN_HANDLER {offset}");
                 tokio::time::sleep(sleep).await;
             }

@@ -4,8 +4,8 @@
 //!
 //! Environment: TXBOX_DATABASE_URL, TXBOX_KAFKA_BOOTSTRAP, CHAOS_TOPIC,
 //! CHAOS_GROUP, CHAOS_BATCH (default 10), CHAOS_SLOW_OFFSET (offset whose
-//! handler sleeps CHAOS_SLOW_SECS, default 3), CHAOS_SESSION_MS (classic
-//! protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
+//! handler sleeps CHAOS_SLOW_SECS, default 3, at its first attempt only),
+//! CHAOS_SESSION_MS (classic protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
 //! for KIP-848 groups, whose session timeout the broker sets), CHAOS_NAME
 //! (the database sessions' `application_name`, recorded in the bank's
 //! `effects.applied_by`), CHAOS_OUTBOX_TOPIC (the topic of the staged
@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(3);
-        bank = bank.slow_at(offset.parse()?, Duration::from_secs(secs));
+        bank = bank.slow_once_at(offset.parse()?, Duration::from_secs(secs));
     }
     let session_ms = std::env::var("CHAOS_SESSION_MS").unwrap_or_else(|_| "6000".into());
     let protocol = std::env::var("CHAOS_GROUP_PROTOCOL").unwrap_or_else(|_| "classic".into());
