@@ -92,16 +92,9 @@ async fn freeze_in_handler(zombie: &Child, offset: i64) {
     zombie.freeze();
 }
 
-/// The zombies' failpoints: `points` (`;`-separated), and the release of
-/// revoked partitions held back 5 s (see the module docs).
-fn late_release(points: &str) -> String {
-    let late = "inbox.before_release=sleep(5000)";
-    if points.is_empty() {
-        late.to_owned()
-    } else {
-        format!("{points};{late}")
-    }
-}
+/// The zombies' failpoint that holds back the release of revoked
+/// partitions 5 s (see the module docs); others join it with `;`.
+const LATE_RELEASE: &str = "inbox.before_release=sleep(5000)";
 
 /// Waits until the zombie logs that its commit was fenced.
 async fn assert_fenced(zombie: &Child) {
@@ -152,11 +145,10 @@ async fn stop(mut processes: Vec<Child>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_consumer_is_fenced_when_it_wakes() {
     let scene = Deposits::produce("zombie", 60, 6).await;
-    let late = late_release("");
     let slow = [
         ("CHAOS_SLOW_OFFSET", "25"),
         ("CHAOS_SLOW_SECS", "2"),
-        ("FAILPOINTS", late.as_str()),
+        ("FAILPOINTS", LATE_RELEASE),
     ];
     let zombie = consumer(&scene, "zombie", &slow);
     // Inside the transaction for offsets 20..30: freeze it there.
@@ -189,18 +181,11 @@ async fn a_frozen_consumer_is_fenced_when_it_wakes() {
 async fn a_consumer_frozen_between_batches_is_fenced_when_it_wakes() {
     let scene = Deposits::produce("zombie-between", 60, 6).await;
     // Its third commit freezes it.
-    let points = late_release("inbox.after_commit=2*off->return(freeze)");
+    let points = format!("inbox.after_commit=2*off->return(freeze);{LATE_RELEASE}");
     let zombie = consumer(&scene, "zombie", &[("FAILPOINTS", points.as_str())]);
-    assert!(
-        zombie
-            .wait_for_stderr(
-                "TXBOX_CRASH_POINT inbox.after_commit (frozen)",
-                Duration::from_secs(60)
-            )
-            .await,
-        "zombie never reached the point:\n{}",
-        zombie.stderr()
-    );
+    zombie
+        .wait_frozen_at("inbox.after_commit", Duration::from_secs(60))
+        .await;
     let applied_before = scene.applied(Some("zombie")).await;
     let before = epoch(&scene).await;
     let successor = consumer(&scene, "successor", &[]);
@@ -217,11 +202,10 @@ async fn a_consumer_frozen_between_batches_is_fenced_when_it_wakes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_is_fenced_after_its_offsets_row_was_deleted_and_recreated() {
     let scene = Deposits::produce("zombie-deleted", 30, 3).await;
-    let late = late_release("");
     let slow = [
         ("CHAOS_SLOW_OFFSET", "0"),
         ("CHAOS_SLOW_SECS", "2"),
-        ("FAILPOINTS", late.as_str()),
+        ("FAILPOINTS", LATE_RELEASE),
     ];
     let zombie = consumer(&scene, "zombie", &slow);
     // Inside its first transaction, which expects offset 0: freeze it there.
@@ -301,16 +285,9 @@ async fn a_zombie_frozen_before_its_commit_does_not_stall_the_successor() {
         "zombie",
         &[("FAILPOINTS", "inbox.before_commit=2*off->return(freeze)")],
     );
-    assert!(
-        zombie
-            .wait_for_stderr(
-                "TXBOX_CRASH_POINT inbox.before_commit (frozen)",
-                Duration::from_secs(60)
-            )
-            .await,
-        "zombie never reached the point:\n{}",
-        zombie.stderr()
-    );
+    zombie
+        .wait_frozen_at("inbox.before_commit", Duration::from_secs(60))
+        .await;
     let zombie_log = zombie.stderr();
     let zombie_applied = successor_finishes(&scene, zombie).await;
     // Batches hold up to 10 messages but may hold fewer (linger), so the

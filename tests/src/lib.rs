@@ -45,14 +45,21 @@ pub struct Bank {
     outbox: Outbox,
     /// The topic of the staged `BalanceChanged` events.
     topic: String,
-    /// Seconds to sleep inside the handler when a message's offset matches,
-    /// announcing `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
-    slow_offset: Option<(i64, Duration)>,
-    /// Set once the slow message's handler slept, when only its first
-    /// attempt is slow ([`Bank::slow_once_at`]).
-    slept: Option<Arc<AtomicBool>>,
+    /// The message whose handler sleeps ([`Bank::slow_at`],
+    /// [`Bank::slow_once_at`]).
+    slow: Option<Slow>,
     /// Sleep inside every message's transaction, to keep a stream flowing.
     pace: Option<Duration>,
+}
+
+/// A message whose handler sleeps, announcing
+/// `TXBOX_CHAOS_IN_HANDLER <offset>` on stderr first.
+#[derive(Debug, Clone)]
+struct Slow {
+    offset: i64,
+    sleep: Duration,
+    /// Set once it slept, when only its first attempt is slow.
+    slept: Option<Arc<AtomicBool>>,
 }
 
 impl Bank {
@@ -61,8 +68,7 @@ impl Bank {
         Bank {
             outbox,
             topic: BALANCE_CHANGED.to_owned(),
-            slow_offset: None,
-            slept: None,
+            slow: None,
             pace: None,
         }
     }
@@ -84,16 +90,22 @@ impl Bank {
     /// Sleeps `d` inside the transaction of the message at `offset`, at
     /// every attempt.
     pub fn slow_at(mut self, offset: i64, d: Duration) -> Self {
-        self.slow_offset = Some((offset, d));
-        self.slept = None;
+        self.slow = Some(Slow {
+            offset,
+            sleep: d,
+            slept: None,
+        });
         self
     }
 
     /// Sleeps `d` inside the transaction of the message at `offset`, at its
     /// first attempt only: a retry runs at full speed.
     pub fn slow_once_at(mut self, offset: i64, d: Duration) -> Self {
-        self.slow_offset = Some((offset, d));
-        self.slept = Some(Arc::new(AtomicBool::new(false)));
+        self.slow = Some(Slow {
+            offset,
+            sleep: d,
+            slept: Some(Arc::new(AtomicBool::new(false))),
+        });
         self
     }
 
@@ -151,16 +163,16 @@ impl Bank {
         if let Some(d) = self.pace {
             tokio::time::sleep(d).await;
         }
-        if let Some((offset, sleep)) = self.slow_offset {
+        if let Some(slow) = &self.slow {
             // `&&` keeps other offsets from using up the one slow attempt.
-            if msg.offset() == offset
-                && self
+            if msg.offset() == slow.offset
+                && slow
                     .slept
                     .as_ref()
                     .is_none_or(|slept| !slept.swap(true, Ordering::SeqCst))
             {
-                eprintln!("TXBOX_CHAOS_IN_HANDLER {offset}");
-                tokio::time::sleep(sleep).await;
+                eprintln!("TXBOX_CHAOS_IN_HANDLER {}", slow.offset);
+                tokio::time::sleep(slow.sleep).await;
             }
         }
         sqlx::query(

@@ -249,16 +249,9 @@ async fn a_frozen_leader_is_fenced_when_it_wakes() {
         "relay-a",
         Some("relay.before_kafka_commit=2*off->return(freeze)"),
     );
-    assert!(
-        zombie
-            .wait_for_stderr(
-                "TXBOX_CRASH_POINT relay.before_kafka_commit (frozen)",
-                Duration::from_secs(60)
-            )
-            .await,
-        "{}",
-        zombie.stderr()
-    );
+    zombie
+        .wait_frozen_at("relay.before_kafka_commit", Duration::from_secs(60))
+        .await;
     let frozen_at = Instant::now();
     let successor = spawn(&s, "relay-b", None);
     // B's recovery reads the position topic read_committed, which an open

@@ -116,6 +116,21 @@ impl Child {
         self.kill().await;
     }
 
+    /// Waits until the process has stopped itself at crash point `point`,
+    /// whose action is `return(freeze)` (it announces
+    /// `TXBOX_CRASH_POINT <point> (frozen)`); [`Child::thaw`] resumes it.
+    ///
+    /// # Panics
+    /// If the point is not reached within `timeout` (with the child's stderr).
+    pub async fn wait_frozen_at(&self, point: &str, timeout: Duration) {
+        let line = format!("TXBOX_CRASH_POINT {point} (frozen)");
+        assert!(
+            self.wait_for_stderr(&line, timeout).await,
+            "crash point {point} not reached in {timeout:?}; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// SIGKILL now, and reap.
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();

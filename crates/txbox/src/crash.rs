@@ -95,11 +95,10 @@ pub fn reached(name: &str, action: Option<&str>) {
         // until the harness sends SIGCONT. (A `kill -STOP` of our own pid
         // is delivered to whichever thread the kernel picks; this one could
         // run on, e.g. send its COMMIT, before the process stops.)
-        if let Err(e) = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
+        match nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
+            Ok(()) => return,
             // The test cannot go on as planned: park, as for `return`.
-            eprintln!("TXBOX_CRASH_POINT {name}: SIGSTOP failed ({e}); parking instead");
-        } else {
-            return;
+            Err(e) => eprintln!("TXBOX_CRASH_POINT {name}: SIGSTOP failed ({e}); parking instead"),
         }
     }
     loop {

@@ -5,8 +5,9 @@
 //! Environment: TXBOX_DATABASE_URL, TXBOX_KAFKA_BOOTSTRAP, CHAOS_TOPIC,
 //! CHAOS_GROUP, CHAOS_BATCH (default 10), CHAOS_SLOW_OFFSET (offset whose
 //! handler sleeps CHAOS_SLOW_SECS, default 3, at its first attempt only),
-//! CHAOS_SESSION_MS (classic protocol), CHAOS_GROUP_PROTOCOL (`classic`, the default, or `consumer`
-//! for KIP-848 groups, whose session timeout the broker sets), CHAOS_NAME
+//! CHAOS_SESSION_MS (classic protocol), CHAOS_GROUP_PROTOCOL (`classic`,
+//! the default, or `consumer` for KIP-848 groups, whose session timeout the
+//! broker sets), CHAOS_NAME
 //! (the database sessions' `application_name`, recorded in the bank's
 //! `effects.applied_by`), CHAOS_OUTBOX_TOPIC (the topic of the staged
 //! events, default `balance-changed`), CHAOS_DEDUPE (`event-ids`, the
