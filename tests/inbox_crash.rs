@@ -48,19 +48,20 @@ async fn drill(point: &str, skip: u32) {
     let mut victim = consumer(&db, broker.bootstrap(), &topic, &group, Some(&fp));
     victim.kill_at(point, Duration::from_secs(60)).await;
 
-    let applied_at_kill: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    // Both counts in one statement, so in one snapshot: a transaction of
+    // another partition whose COMMIT reached the server before the kill can
+    // still commit after it, between two separate queries.
+    let (applied_at_kill, processed): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM effects), (SELECT count(*) FROM txbox.inbox_processed)",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
     assert!(
         applied_at_kill < 300,
         "the kill came before the end ({applied_at_kill} applied)"
     );
     // Nothing half-done is visible: effects and processed ids agree.
-    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM txbox.inbox_processed")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
     assert_eq!(
         applied_at_kill, processed,
         "effects and dedupe records commit together"
