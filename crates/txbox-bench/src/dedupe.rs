@@ -267,23 +267,43 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
     Ok(())
 }
 
-/// The id-writing variants' PostgreSQL work per message (the median of
-/// `io`'s rounds), and the checkpoints counted during their runs (summed).
+/// The id-writing variants' PostgreSQL work and CPU per message (the
+/// median of `io`'s rounds), and the checkpoints counted during their runs
+/// (summed).
 fn print_io(label: &str, note: &str, io: &[RoundIo]) {
-    let m = |f: &dyn Fn(&RoundIo) -> f64| median(io.iter().map(f).collect());
-    let checkpoints = |f: &dyn Fn(&RoundIo) -> i64| io.iter().map(f).sum::<i64>();
+    let (h, i) = (medians(io, |r| &r.hand_written), medians(io, |r| &r.ids));
     println!(
         "{label:>11} per message: hand-written {:.2} index blocks read, {:.2} full-page images, \
          {:.0} WAL bytes, {} checkpoints; ids {:.2}, {:.2}, {:.0}, {}{note}",
-        m(&|r| r.hand_written.blocks_read),
-        m(&|r| r.hand_written.fpi),
-        m(&|r| r.hand_written.wal_bytes),
-        checkpoints(&|r| r.hand_written.checkpoints),
-        m(&|r| r.ids.blocks_read),
-        m(&|r| r.ids.fpi),
-        m(&|r| r.ids.wal_bytes),
-        checkpoints(&|r| r.ids.checkpoints),
+        h.blocks_read,
+        h.fpi,
+        h.wal_bytes,
+        h.checkpoints,
+        i.blocks_read,
+        i.fpi,
+        i.wal_bytes,
+        i.checkpoints,
     );
+    println!(
+        "{:>11} CPU us per message (consumer, postgres, broker): hand-written {:.1}, {:.1}, {:.1}; \
+         ids {:.1}, {:.1}, {:.1}",
+        "", h.cpu_own_us, h.cpu_postgres_us, h.cpu_broker_us, i.cpu_own_us, i.cpu_postgres_us, i.cpu_broker_us,
+    );
+}
+
+/// One variant's figures over `io`'s rounds: the median of each, the
+/// checkpoints summed.
+fn medians(io: &[RoundIo], variant: fn(&RoundIo) -> &RunIo) -> RunIo {
+    let m = |f: fn(&RunIo) -> f64| median(io.iter().map(|r| f(variant(r))).collect());
+    RunIo {
+        wal_bytes: m(|r| r.wal_bytes),
+        fpi: m(|r| r.fpi),
+        blocks_read: m(|r| r.blocks_read),
+        checkpoints: io.iter().map(|r| variant(r).checkpoints).sum(),
+        cpu_own_us: m(|r| r.cpu_own_us),
+        cpu_postgres_us: m(|r| r.cpu_postgres_us),
+        cpu_broker_us: m(|r| r.cpu_broker_us),
+    }
 }
 
 fn print_row(label: &str, txbox_mb: f64, hand_mb: f64, fill_s: f64, r: &Round) {

@@ -7,10 +7,17 @@
 //! (`pg_statio_user_indexes`): a difference between two snapshots belongs
 //! to the run between them only when nothing else writes, autovacuum
 //! aside.
+//!
+//! Beside them, the CPU time the run took on this machine ([`crate::usage`]):
+//! the benchmark's own process, PostgreSQL's and the broker's, per message.
+//! It counts only when the server and the broker run here, and includes the
+//! run's start (joining the group), which its messages/s leave out.
 
 use std::time::Duration;
 
 use sqlx::PgPool;
+
+use crate::usage::{Sample, Usage};
 
 /// How long after a run its statistics are all in the shared counters: a
 /// busy backend hands its counts over at most once a second, an idle one
@@ -26,7 +33,8 @@ pub(crate) struct Snapshot {
     checkpoints: i64,
 }
 
-/// A run's share of the counters: per message, and the checkpoints.
+/// A run's share of the counters and of the CPU: per message, and the
+/// checkpoints.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct RunIo {
     /// WAL bytes.
@@ -40,6 +48,12 @@ pub(crate) struct RunIo {
     /// the run, not per message. It reports them when a checkpoint ends,
     /// so one that began late in a run may be counted in the next.
     pub checkpoints: i64,
+    /// CPU microseconds of the benchmark's own process (the consumer).
+    pub cpu_own_us: f64,
+    /// CPU microseconds of PostgreSQL's processes.
+    pub cpu_postgres_us: f64,
+    /// CPU microseconds of the broker (a JVM).
+    pub cpu_broker_us: f64,
 }
 
 impl Snapshot {
@@ -71,19 +85,23 @@ impl Snapshot {
 
     /// What happened since `before`, divided over `messages` (the
     /// checkpoints are not divided).
-    pub(crate) fn per_message(&self, before: &Snapshot, messages: usize) -> RunIo {
+    pub(crate) fn per_message(&self, before: &Snapshot, messages: usize, cpu: Usage) -> RunIo {
         let n = messages.max(1) as f64;
+        let us = |cores: f64| cores * cpu.seconds * 1e6 / n;
         RunIo {
             wal_bytes: (self.wal_bytes - before.wal_bytes) / n,
             fpi: (self.wal_fpi - before.wal_fpi) / n,
             blocks_read: (self.index_blocks_read - before.index_blocks_read) / n,
             checkpoints: self.checkpoints - before.checkpoints,
+            cpu_own_us: us(cpu.own),
+            cpu_postgres_us: us(cpu.postgres),
+            cpu_broker_us: us(cpu.broker),
         }
     }
 }
 
 /// Runs `run`, waits for its statistics to settle, and returns its result
-/// with its share of the counters per message. `before` must itself be a
+/// with its share of the counters, and the CPU it took, per message. `before` must itself be a
 /// settled snapshot; the one returned is, for the next run.
 pub(crate) async fn measured<T>(
     pool: &PgPool,
@@ -92,8 +110,11 @@ pub(crate) async fn measured<T>(
     before: Snapshot,
     run: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, RunIo, Snapshot)> {
+    let me = [std::process::id()];
+    let started = Sample::take(&me);
     let out = run.await?;
+    let cpu = started.until(&Sample::take(&me));
     tokio::time::sleep(SETTLE).await;
     let after = Snapshot::take(pool, indexes).await?;
-    Ok((out, after.per_message(&before, messages), after))
+    Ok((out, after.per_message(&before, messages, cpu), after))
 }
