@@ -5,10 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use txbox::inbox::Inbox;
+use txbox::inbox::{Handler, HandlerError, Inbox, InboxMessage, Tx};
 use txbox::{Outbox, Schema};
+use txbox_testkit::kafka::Record;
 use txbox_testkit::{kafka, unique_name, TestDb};
-use txbox_tests::{bank_inbox, consumed, totals, wait_consumed, Bank, BatchBank, RunningInbox};
+use txbox_tests::{
+    bank_inbox, consumed, dead_letters, totals, wait_consumed, Bank, BatchBank, RunningInbox,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_applied_once_and_offsets_live_in_postgres() {
@@ -154,6 +157,89 @@ async fn a_batch_mixing_new_and_seen_event_ids_applies_only_the_new_ones() {
     running.stop().await;
     let all: Vec<_> = seen.into_iter().chain(new).collect();
     Bank::assert_exactly_once(db.pool(), &all).await;
+}
+
+/// Writes one `ledger` row per event, keyed by its id, with no `ON
+/// CONFLICT`: a second copy of an event fails on the key, and the handler
+/// calls that permanent, as handlers that rely on the inbox's dedupe do.
+struct Ledger;
+
+#[async_trait::async_trait]
+impl Handler for Ledger {
+    async fn handle(&self, tx: &mut Tx, msg: &InboxMessage) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO ledger (event_id, payload) VALUES ($1, $2)")
+            .bind(msg.event_id())
+            .bind(msg.payload())
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| match e.as_database_error() {
+                Some(d) if d.is_unique_violation() => HandlerError::permanent(e),
+                _ => HandlerError::Database(e),
+            })?;
+        Ok(())
+    }
+}
+
+/// In the steady state the handler runs before the event ids are inserted
+/// (with the fenced advance, ADR 0013), so it can meet an event applied
+/// before that came again under a new offset. When its own key refuses
+/// it, that failure must not count: the batch is redone with the ids
+/// checked first, the copy is dropped as a duplicate, and nothing is
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_under_a_new_offset_is_dropped_even_when_the_handler_refuses_it() {
+    txbox_testkit::init_tracing();
+    let broker = kafka().await;
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE ledger (event_id text PRIMARY KEY, payload bytea)")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let topic = broker.topic("ledger", 1).await;
+    let group = unique_name("ledger");
+    let record = |id: &str| Record::new(id.as_bytes().to_vec()).header("ce_id", id.to_owned());
+    let first: Vec<Record> = (0..20).map(|i| record(&format!("evt-{i}"))).collect();
+    kafka::produce(broker.bootstrap(), &topic, first).await;
+    let running = RunningInbox::start(
+        Inbox::builder(db.pool().clone())
+            .brokers(broker.bootstrap())
+            .group_id(&group)
+            .handler(&topic, Ledger)
+            .batch_size(100),
+    );
+    assert!(wait_consumed(db.pool(), &group, 20, Duration::from_secs(60)).await);
+    // Clean batches behind each: the next one is taken optimistically. A
+    // copy alone in its batch, then one among new events.
+    for (records, want) in [
+        (vec![record("evt-5")], 21),
+        (["evt-20", "evt-12", "evt-21"].map(record).to_vec(), 24),
+    ] {
+        kafka::produce(broker.bootstrap(), &topic, records).await;
+        assert!(
+            wait_consumed(db.pool(), &group, want, Duration::from_secs(60)).await,
+            "consumed {} of {want}",
+            consumed(db.pool(), &group).await
+        );
+    }
+    running.stop().await;
+
+    assert_eq!(
+        dead_letters(db.pool()).await,
+        0,
+        "a duplicate was dead-lettered"
+    );
+    let ledger: Vec<String> = sqlx::query_scalar("SELECT event_id FROM ledger ORDER BY event_id")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    let mut want: Vec<String> = (0..22).map(|i| format!("evt-{i}")).collect();
+    want.sort();
+    assert_eq!(ledger, want);
+    assert_eq!(
+        totals(db.pool(), &group).await,
+        (22, 2, 0),
+        "applied, duplicates, dead-lettered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -76,8 +76,8 @@ impl BenchDb {
              CREATE TABLE account(id int primary key, balance bigint not null);
              INSERT INTO account SELECT g, 0 FROM generate_series(1, 100000) g;
              ANALYZE account;
-             INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset)
-               SELECT 'ceiling', 't', p, 0 FROM generate_series(0, 15) p;",
+             INSERT INTO txbox.inbox_offsets (consumer_group, topic, partition, next_offset, epoch)
+               SELECT 'ceiling', 't', p, 0, 1 FROM generate_series(0, 15) p;",
         )
         .execute(&self.pool)
         .await?;
@@ -100,8 +100,8 @@ pub(crate) enum Sql {
     /// `shared/bench/pg-ceiling`'s inbox1.sql / inbox100.sql.
     Reference,
     /// The statements a txbox inbox commit executes, on txbox's tables:
-    /// event-id insert, business update, outbox staging, fenced offset
-    /// advance.
+    /// business update, outbox staging, fenced offset advance with the
+    /// event-id insert.
     Txbox,
 }
 
@@ -123,8 +123,16 @@ pub(crate) async fn run(
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let outbox = txbox::Outbox::new(txbox::Schema::default()).key_order(key_order);
-            let mut next_offset = 0i64;
             let part = i32::try_from(client).unwrap_or(0);
+            // Where the previous run left this client's row: the fence
+            // must pass.
+            let mut next_offset: i64 = sqlx::query_scalar(
+                "SELECT next_offset FROM txbox.inbox_offsets
+                 WHERE consumer_group = 'ceiling' AND topic = 't' AND partition = $1",
+            )
+            .bind(part)
+            .fetch_one(&pool)
+            .await?;
             while Instant::now() < deadline {
                 let r = match sql {
                     Sql::Reference => one_txn(&pool, shape.batch).await,
@@ -207,21 +215,6 @@ async fn txbox_txn(
         .collect();
     let offsets: Vec<i64> = (0..batch as i64).map(|i| *next_offset + i).collect();
     let mut tx = pool.begin().await?;
-    // The steady state's statement: a plain insert of ids expected to be
-    // new (an inbox redoes a batch with ON CONFLICT only after a conflict).
-    let inserted = sqlx::query(
-        "INSERT INTO \"txbox\".\"inbox_processed\" (consumer_group, event_id, topic, partition, \"offset\")
-         SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)",
-    )
-    .bind("ceiling")
-    .bind(&event_ids)
-    .bind("t")
-    .bind(part)
-    .bind(&offsets)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    debug_assert_eq!(inserted, batch as u64);
     sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
         .bind(&ids)
         .execute(&mut *tx)
@@ -237,11 +230,23 @@ async fn txbox_txn(
             txbox::Error::Database(e) => e,
             other => sqlx::Error::Protocol(other.to_string()),
         })?;
+    // The steady state's statement after the handler: the fenced advance,
+    // then a plain insert of the ids, expected to be new (an inbox redoes
+    // a batch with ON CONFLICT first only after a conflict).
     let new_offset = *next_offset + batch as i64;
-    sqlx::query(
-        "UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now(),
-                applied = applied + $7, duplicates = duplicates + $8, dead_lettered = dead_lettered + $9
-         WHERE consumer_group = $2 AND topic = $3 AND partition = $4 AND epoch = $5 AND next_offset = $6",
+    let (advanced, inserted): (i64, i64) = sqlx::query_as(
+        "WITH advanced AS (
+             UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now(),
+                    applied = applied + $7, duplicates = duplicates + $8, dead_lettered = dead_lettered + $9,
+                    consumed_until = greatest(consumed_until, $1)
+             WHERE consumer_group = $2 AND topic = $3 AND partition = $4 AND epoch = $5 AND next_offset = $6
+             RETURNING 1),
+         recorded AS (
+             INSERT INTO \"txbox\".\"inbox_processed\" (consumer_group, event_id, topic, partition, \"offset\")
+             SELECT $2, u.id, $3, $4, u.off FROM unnest($10::text[], $11::int8[]) AS u(id, off)
+             WHERE EXISTS (SELECT 1 FROM advanced)
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM advanced), (SELECT count(*) FROM recorded)",
     )
     .bind(new_offset)
     .bind("ceiling")
@@ -252,8 +257,22 @@ async fn txbox_txn(
     .bind(batch as i64)
     .bind(0i64)
     .bind(0i64)
-    .execute(&mut *tx)
+    .bind(&event_ids)
+    .bind(&offsets)
+    .fetch_one(&mut *tx)
     .await?;
+    // Every client's row holds epoch 1: a run that fenced itself would
+    // measure less work than an inbox does.
+    if (advanced, inserted) != (1, batch as i64) {
+        // Not a transient error (the loop would retry it silently).
+        return Err(sqlx::Error::Configuration(
+            format!(
+                "the txbox SQL ceiling advanced {advanced} rows and recorded {inserted} ids, \
+             not 1 and {batch}"
+            )
+            .into(),
+        ));
+    }
     tx.commit().await?;
     *next_offset = new_offset;
     Ok(())

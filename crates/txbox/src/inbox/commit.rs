@@ -1,4 +1,5 @@
-//! One inbox transaction: dedupe, handler, fenced offset advance, commit.
+//! One inbox transaction: handler, fenced offset advance with the event ids,
+//! commit; or, once an id was seen before, dedupe first (ADR 0013).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -93,12 +94,16 @@ impl From<sqlx::Error> for Attempt {
 /// How a transaction records its event ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IdInsert {
-    /// A plain insert, for batches expected to hold no id seen before (the
-    /// steady state): one index insert per id. An id seen before fails it
-    /// with a unique violation, and the batch is redone `Checked`.
+    /// For batches expected to hold no id seen before (the steady state):
+    /// the handler runs on every message, then one statement advances the
+    /// position and inserts the ids with a plain insert (one index insert
+    /// per id). An id seen before fails it with a unique violation, and a
+    /// handler failure may come from such an id: either way the batch is
+    /// redone `Checked` in a new transaction.
     Optimistic,
-    /// `INSERT ... ON CONFLICT DO NOTHING RETURNING`: ids seen before are
-    /// skipped. Costs an extra index probe per id (speculative insertion).
+    /// `INSERT ... ON CONFLICT DO NOTHING RETURNING` before the handler:
+    /// ids seen before are skipped and their handler does not run. Costs an
+    /// extra index probe per id (speculative insertion) and a statement.
     Checked,
 }
 
@@ -174,12 +179,12 @@ async fn try_apply(
     chunk: &[InboxMessage],
     insert: IdInsert,
 ) -> Result<Attempt, Attempt> {
-    let Some(last) = chunk.last() else {
+    if chunk.is_empty() {
         return Ok(Attempt::Committed {
             applied: 0,
             duplicates: 0,
         });
-    };
+    }
     // A message refused as read (an id Postgres cannot store, unreadable
     // headers) fails as permanent before anything runs: the messages before
     // it are applied, it is dead-lettered (or stops the partition).
@@ -196,48 +201,109 @@ async fn try_apply(
     let mut tx = begin(ctx).await?;
     crate::crash_point!("inbox.before_business_write");
 
-    let run = match record_ids(&mut tx, ctx, pos, chunk, insert).await {
-        Ok(run) => run,
-        // Only the plain insert of the ids ran: the batch holds an id seen
-        // before (or twice). Nothing else happened; start over, checked.
-        Err(e) if insert == IdInsert::Optimistic && is_unique_violation(&e) => {
-            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
-            tx.rollback().await?;
-            tx = begin(ctx).await?;
-            record_ids(&mut tx, ctx, pos, chunk, IdInsert::Checked).await?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let run =
+        match insert {
+            // The steady state: every id is taken to be new, the handler runs
+            // on every message, and the ids are inserted by the statement that
+            // advances the position, after the handler (ADR 0013).
+            IdInsert::Optimistic if records_distinct_ids(ctx.dedupe, chunk) => {
+                let run = unrecorded_run(ctx.dedupe, pos, chunk);
+                let failed =
+                    match handle_and_advance(&mut tx, ctx, route, pos, chunk, &run, Record::Ids)
+                        .await
+                    {
+                        Ok(()) => return commit(tx, chunk, &run).await,
+                        // An id was seen before: nothing of this attempt commits.
+                        Err(Attempt::Db(e)) if is_unique_violation(&e) => {
+                            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
+                            Attempt::Db(e)
+                        }
+                        // The handler failed, maybe on a message it should not
+                        // have seen (an id seen before, which its own
+                        // constraints refuse): its failure counts only once the
+                        // duplicates are out.
+                        Err(failed @ Attempt::HandlerFailed { .. }) => failed,
+                        Err(other) => return Err(other),
+                    };
+                // Start over, checked: the handler runs on the new messages
+                // only. A connection that cannot even roll back (the session
+                // was ended) leaves the failure as it was.
+                if tx.rollback().await.is_err() {
+                    return Err(failed);
+                }
+                tx = begin(ctx).await?;
+                record_ids(&mut tx, ctx, pos, chunk).await?
+            }
+            _ => record_ids(&mut tx, ctx, pos, chunk).await?,
+        };
+    handle_and_advance(&mut tx, ctx, route, pos, chunk, &run, Record::Done).await?;
+    commit(tx, chunk, &run).await
+}
 
+/// Whether the event ids still have to be inserted by the advance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// With the advance, as ids expected to be new.
+    Ids,
+    /// Already recorded ([`record_ids`]).
+    Done,
+}
+
+/// Runs the handler on the messages at `run` (indexes into `chunk`), then
+/// advances the position past the chunk, fenced, inserting the ids with it
+/// if `record` says so.
+async fn handle_and_advance(
+    tx: &mut Tx,
+    ctx: Ctx<'_>,
+    route: &Route,
+    pos: &Position,
+    chunk: &[InboxMessage],
+    run: &[usize],
+    record: Record,
+) -> Result<(), Attempt> {
+    let Some(last) = chunk.last() else {
+        return Ok(());
+    };
     if !run.is_empty() {
-        if let Err((index, error)) = run_handler(&mut tx, ctx.group, route, chunk, &run).await {
+        if let Err((index, error)) = run_handler(tx, ctx.group, route, chunk, run).await {
             return Err(Attempt::HandlerFailed { index, error });
         }
     }
     crate::crash_point!("inbox.after_business_write");
 
-    // Which message is at fault is known only when one ran.
-    let culprit = (run.len() == 1).then(|| run[0]);
     let counts = Counts {
         applied: run.len(),
         duplicates: chunk.len() - run.len(),
         dead_lettered: 0,
     };
-    match fenced_advance(&mut tx, ctx, pos, last.offset + 1, counts).await {
+    let ids = match record {
+        Record::Ids => chunk.iter().filter(|m| ctx.dedupe.records(m)).collect(),
+        Record::Done => Vec::new(),
+    };
+    match fenced_advance(tx, ctx, pos, last.offset + 1, counts, &ids).await {
         // The handler returned Ok with the transaction aborted: it dropped
         // a database error. Nothing of it can commit; retrying is up to the
         // policy's attempts (the error may have been transient).
-        Err(Attempt::Db(e)) if sqlstate_is(&e, |c| c == "25P02") => {
-            return Err(Attempt::HandlerFailed {
-                index: culprit,
-                error: HandlerError::retryable(format!(
-                    "the handler returned Ok but left its transaction aborted (it ignored a \
-                     database error); its writes were rolled back: {e}"
-                )),
-            });
-        }
-        other => other?,
+        Err(Attempt::Db(e)) if sqlstate_is(&e, |c| c == "25P02") => Err(Attempt::HandlerFailed {
+            index: culprit(run),
+            error: HandlerError::retryable(format!(
+                "the handler returned Ok but left its transaction aborted (it ignored a \
+                 database error); its writes were rolled back: {e}"
+            )),
+        }),
+        other => other,
     }
+}
+
+/// Which message is at fault when the transaction fails: known only when
+/// one ran.
+fn culprit(run: &[usize]) -> Option<usize> {
+    (run.len() == 1).then(|| run[0])
+}
+
+/// Commits a transaction that ran the handler on the messages of `chunk`
+/// at `run`.
+async fn commit(tx: Tx, chunk: &[InboxMessage], run: &[usize]) -> Result<Attempt, Attempt> {
     crate::crash_point!("inbox.before_commit");
     if let Err(e) = tx.commit().await {
         // A deferred constraint the handler's writes violate fails only
@@ -245,7 +311,7 @@ async fn try_apply(
         // to wait out.
         if sqlstate_is(&e, |c| c.starts_with("23")) {
             return Err(Attempt::HandlerFailed {
-                index: culprit,
+                index: culprit(run),
                 error: HandlerError::Database(e),
             });
         }
@@ -263,8 +329,29 @@ async fn begin(ctx: Ctx<'_>) -> Result<Tx, sqlx::Error> {
     ctx.pool.begin_with(ctx.sql.begin.clone()).await
 }
 
-/// Records the chunk's event ids as processed; returns the indexes of the
-/// messages whose handler runs, ascending.
+/// Whether `chunk` has ids to record and no two of them are the same (the
+/// plain insert would fail on the second: such a chunk goes checked at
+/// once).
+fn records_distinct_ids(dedupe: Dedupe, chunk: &[InboxMessage]) -> bool {
+    let mut seen = HashSet::with_capacity(chunk.len());
+    chunk
+        .iter()
+        .filter(|m| dedupe.records(m))
+        .all(|m| seen.insert(m.event_id.as_str()))
+        && !seen.is_empty()
+}
+
+/// The messages whose handler runs when every recorded id is new: all of
+/// them but those only the watermark dedupes and it covers.
+fn unrecorded_run(dedupe: Dedupe, pos: &Position, chunk: &[InboxMessage]) -> Vec<usize> {
+    (0..chunk.len())
+        .filter(|&i| !dedupe.covered(&chunk[i], pos))
+        .collect()
+}
+
+/// Records the chunk's event ids as processed, skipping those seen before
+/// (`ON CONFLICT DO NOTHING`); returns the indexes of the messages whose
+/// handler runs, ascending.
 ///
 /// Only the ids [`Dedupe::records`] are inserted. A message whose id is
 /// not recorded runs unless the watermark covers it ([`Dedupe::covered`]):
@@ -275,36 +362,22 @@ async fn record_ids(
     ctx: Ctx<'_>,
     pos: &Position,
     chunk: &[InboxMessage],
-    insert: IdInsert,
 ) -> Result<Vec<usize>, sqlx::Error> {
     let recorded: Vec<&InboxMessage> = chunk.iter().filter(|m| ctx.dedupe.records(m)).collect();
     let mut fresh = HashSet::new();
     if !recorded.is_empty() {
         let ids: Vec<&str> = recorded.iter().map(|m| m.event_id.as_str()).collect();
         let offsets: Vec<i64> = recorded.iter().map(|m| m.offset).collect();
-        let query = |sql| {
-            sqlx::query(sql)
-                .bind(ctx.group)
-                .bind(&ids)
-                .bind(&*pos.topic)
-                .bind(pos.partition)
-                .bind(&offsets)
-        };
-        match insert {
-            IdInsert::Optimistic => {
-                query(&ctx.sql.insert_new_processed)
-                    .execute(&mut **tx)
-                    .await?;
-                fresh.extend(ids.iter().copied().map(str::to_owned));
-            }
-            IdInsert::Checked => {
-                for row in query(&ctx.sql.insert_processed)
-                    .fetch_all(&mut **tx)
-                    .await?
-                {
-                    fresh.insert(row.try_get::<String, _>(0)?);
-                }
-            }
+        for row in sqlx::query(&ctx.sql.insert_processed)
+            .bind(ctx.group)
+            .bind(&ids)
+            .bind(&*pos.topic)
+            .bind(pos.partition)
+            .bind(&offsets)
+            .fetch_all(&mut **tx)
+            .await?
+        {
+            fresh.insert(row.try_get::<String, _>(0)?);
         }
     }
     // The first occurrence of each fresh recorded id runs, the rest are
@@ -320,7 +393,6 @@ async fn record_ids(
         })
         .collect())
 }
-
 /// True when `e` is a database error whose SQLSTATE satisfies `test`.
 pub(crate) fn sqlstate_is(e: &sqlx::Error, test: impl Fn(&str) -> bool) -> bool {
     e.as_database_error()
@@ -426,29 +498,55 @@ struct Counts {
 }
 
 /// Advances the partition to `next` if this consumer's epoch and expected
-/// offset still hold (the fence), adding `counts` to its totals. Otherwise
-/// says why, as the attempt's outcome: fenced, or our offset is stale.
+/// offset still hold (the fence), adding `counts` to its totals, and then
+/// inserts the event ids of `record` (expected to be new) in the same
+/// statement. Otherwise says why, as the attempt's outcome: fenced, or our
+/// offset is stale.
 async fn fenced_advance(
     tx: &mut Tx,
     ctx: Ctx<'_>,
     pos: &Position,
     next: i64,
     counts: Counts,
+    record: &[&InboxMessage],
 ) -> Result<(), Attempt> {
     let total = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-    let advanced = sqlx::query(&ctx.sql.advance)
-        .bind(next)
-        .bind(ctx.group)
-        .bind(&*pos.topic)
-        .bind(pos.partition)
-        .bind(pos.epoch)
-        .bind(pos.next_offset)
-        .bind(total(counts.applied))
-        .bind(total(counts.duplicates))
-        .bind(total(counts.dead_lettered))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+    let query = |sql| {
+        sqlx::query(sql)
+            .bind(next)
+            .bind(ctx.group)
+            .bind(&*pos.topic)
+            .bind(pos.partition)
+            .bind(pos.epoch)
+            .bind(pos.next_offset)
+            .bind(total(counts.applied))
+            .bind(total(counts.duplicates))
+            .bind(total(counts.dead_lettered))
+    };
+    let advanced = if record.is_empty() {
+        query(&ctx.sql.advance)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+    } else {
+        let ids: Vec<&str> = record.iter().map(|m| m.event_id.as_str()).collect();
+        let offsets: Vec<i64> = record.iter().map(|m| m.offset).collect();
+        let row = query(&ctx.sql.advance_recording)
+            .bind(&ids)
+            .bind(&offsets)
+            .fetch_one(&mut **tx)
+            .await?;
+        let (advanced, inserted): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        if advanced > 0 && inserted != total(ids.len()) {
+            // A trigger or rule discarded id rows: their duplicates would
+            // not be dropped.
+            return Err(Attempt::Unwritten {
+                what: "event ids",
+                rows: u64::try_from(inserted).unwrap_or(0),
+            });
+        }
+        u64::try_from(advanced).unwrap_or(0)
+    };
     if advanced == 0 {
         return Err(reconcile(tx, ctx, pos).await?);
     }
@@ -475,7 +573,7 @@ async fn reconcile(tx: &mut Tx, ctx: Ctx<'_>, pos: &Position) -> Result<Attempt,
 pub(crate) async fn reposition(ctx: Ctx<'_>, pos: &Position, to: i64) -> Attempt {
     let attempt = async {
         let mut tx = begin(ctx).await?;
-        fenced_advance(&mut tx, ctx, pos, to, Counts::default()).await?;
+        fenced_advance(&mut tx, ctx, pos, to, Counts::default(), &[]).await?;
         tx.commit().await?;
         Ok(Attempt::Committed {
             applied: 0,
@@ -545,7 +643,7 @@ async fn try_dead_letter(
         dead_lettered: 1,
         ..Counts::default()
     };
-    fenced_advance(&mut tx, ctx, pos, m.offset + 1, counts).await?;
+    fenced_advance(&mut tx, ctx, pos, m.offset + 1, counts, &[]).await?;
     tx.commit().await?;
     Ok(Attempt::Committed {
         applied: 0,

@@ -31,7 +31,9 @@ pub(crate) enum Stop {
 }
 
 enum Outcome {
-    Done,
+    /// Committed (or nothing left to do); `duplicates`: some messages were
+    /// dropped as seen before.
+    Done { duplicates: bool },
     Failed {
         index: Option<usize>,
         error: HandlerError,
@@ -51,8 +53,9 @@ pub(crate) struct PartitionWorker {
     /// A message that ended the previous batch by going backwards: it opens
     /// the next one.
     pub held: Option<InboxMessage>,
-    /// `Optimistic` while batches hold only new event ids; `Checked` after
-    /// one held duplicates (a replay tends to go on), until one holds none.
+    /// `Optimistic` while batches hold only new event ids; `Checked` from a
+    /// transaction that dropped duplicates (a replay tends to go on) or
+    /// whose handler failed, until a whole batch goes through with neither.
     pub id_insert: IdInsert,
 }
 
@@ -255,9 +258,14 @@ impl PartitionWorker {
     /// failing message, retries it alone, then goes on with the rest.
     async fn process(&mut self, batch: Vec<InboxMessage>) -> Result<(), Stop> {
         let mut queue = VecDeque::from([batch]);
+        // Whether the batch went through without duplicates or failures:
+        // the next one then records its ids optimistically again.
+        let mut clean = true;
         while let Some(mut chunk) = queue.pop_front() {
-            match self.apply(&mut chunk).await? {
-                Outcome::Done => {}
+            let outcome = self.apply(&mut chunk).await?;
+            clean &= matches!(outcome, Outcome::Done { duplicates: false });
+            match outcome {
+                Outcome::Done { .. } => {}
                 Outcome::Failed { error, .. } if chunk.len() == 1 => {
                     if let Some(msg) = chunk.pop() {
                         self.retry_single(msg, error).await?;
@@ -283,6 +291,9 @@ impl PartitionWorker {
                 }
             }
         }
+        if clean {
+            self.id_insert = IdInsert::Optimistic;
+        }
         Ok(())
     }
 
@@ -296,7 +307,7 @@ impl PartitionWorker {
             let next = self.pos.next_offset;
             chunk.retain(|m| m.offset >= next);
             let Some(last) = chunk.last().map(InboxMessage::offset) else {
-                return Ok(Outcome::Done);
+                return Ok(Outcome::Done { duplicates: false });
             };
             let span = tracing::info_span!("txbox.inbox.batch", group = %self.shared.group,
                 topic = %self.pos.topic, partition = self.pos.partition,
@@ -316,11 +327,9 @@ impl PartitionWorker {
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("txbox_inbox_batch_size").record(chunk.len() as f64);
                     self.advance_to(last + 1);
-                    self.id_insert = if duplicates > 0 {
-                        IdInsert::Checked
-                    } else {
-                        IdInsert::Optimistic
-                    };
+                    if duplicates > 0 {
+                        self.id_insert = IdInsert::Checked;
+                    }
                     metrics::counter!("txbox_inbox_messages_total", "outcome" => "applied")
                         .increment(applied as u64);
                     if duplicates > 0 {
@@ -328,16 +337,23 @@ impl PartitionWorker {
                             .increment(duplicates as u64);
                         tracing::debug!(duplicates, "skipped already-processed event ids");
                     }
-                    return Ok(Outcome::Done);
+                    return Ok(Outcome::Done {
+                        duplicates: duplicates > 0,
+                    });
                 }
                 Attempt::Resync { next_offset } => self.resync(next_offset),
                 Attempt::Fenced => return Err(Stop::Fenced),
+                // Failed checked (`commit::apply` redoes an optimistic
+                // failure checked): its retries are too, so the handler does
+                // not run twice each time.
                 Attempt::HandlerFailed { error, .. } if error.is_transient_db() => {
+                    self.id_insert = IdInsert::Checked;
                     db_failures += 1;
                     self.db_backoff(db_failures, &error.to_string()).await?;
                 }
                 Attempt::HandlerFailed { index, error } => {
-                    return Ok(Outcome::Failed { index, error })
+                    self.id_insert = IdInsert::Checked;
+                    return Ok(Outcome::Failed { index, error });
                 }
                 Attempt::Unwritten { what, rows } => return Err(self.unwritten(what, rows)),
                 Attempt::Db(e) => {
@@ -384,7 +400,7 @@ impl PartitionWorker {
             self.sleep(policy.backoff.delay(attempts)).await?;
             let mut one = vec![msg.clone()];
             match self.apply(&mut one).await? {
-                Outcome::Done => return Ok(()),
+                Outcome::Done { .. } => return Ok(()),
                 Outcome::Failed { error: e, .. } => {
                     attempts += 1;
                     error = e;

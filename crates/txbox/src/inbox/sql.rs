@@ -20,14 +20,17 @@ pub(crate) struct Statements {
     pub claim: String,
     /// Inserts event ids; returns the ones not seen before.
     pub insert_processed: String,
-    /// Inserts event ids that are expected to be new: a plain insert, which
-    /// fails with a unique violation on an id seen before.
-    pub insert_new_processed: String,
     /// Fenced advance: $1 new next_offset, $2 group, $3 topic, $4 partition,
     /// $5 epoch, $6 expected next_offset; adds $7 applied, $8 duplicates
     /// and $9 dead-lettered to the partition's totals; `consumed_until`
     /// rises to $1 if below it.
     pub advance: String,
+    /// The fenced advance ([`Statements::advance`], $1 to $9) and, only if
+    /// it moved the position, a plain insert of event ids expected to be
+    /// new ($10 ids, $11 their offsets), which fails with a unique
+    /// violation on an id seen before. Returns (rows advanced, ids
+    /// inserted).
+    pub advance_recording: String,
     /// Inserts one dead letter. Plain: nothing about a dead letter is
     /// unique but its id, and the caller checks that one row was written.
     pub dead_letter: String,
@@ -51,9 +54,13 @@ impl Statements {
         let offsets = schema.table("inbox_offsets");
         let processed = schema.table("inbox_processed");
         let dead = schema.table("inbox_dead_letters");
-        let insert_new_processed = format!(
-            "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
-             SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)"
+        let advance = format!(
+            "UPDATE {offsets} SET next_offset = $1, updated_at = now(),
+                    applied = applied + $7, duplicates = duplicates + $8,
+                    dead_lettered = dead_lettered + $9,
+                    consumed_until = greatest(consumed_until, $1)
+             WHERE consumer_group = $2 AND topic = $3 AND partition = $4
+               AND epoch = $5 AND next_offset = $6"
         );
         Statements {
             begin: waits.begin(),
@@ -71,19 +78,23 @@ impl Statements {
                  RETURNING next_offset, epoch, consumed_until"
             ),
             insert_processed: format!(
-                "{insert_new_processed}
+                "INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
+                 SELECT $1, u.id, $3, $4, u.off FROM unnest($2::text[], $5::int8[]) AS u(id, off)
                  ON CONFLICT (consumer_group, event_id) DO NOTHING
                  RETURNING event_id"
             ),
-            insert_new_processed,
-            advance: format!(
-                "UPDATE {offsets} SET next_offset = $1, updated_at = now(),
-                        applied = applied + $7, duplicates = duplicates + $8,
-                        dead_lettered = dead_lettered + $9,
-                        consumed_until = greatest(consumed_until, $1)
-                 WHERE consumer_group = $2 AND topic = $3 AND partition = $4
-                   AND epoch = $5 AND next_offset = $6"
+            // Reading `advanced` runs the update first: a fenced consumer
+            // inserts no id, so it never waits on its successor's.
+            advance_recording: format!(
+                "WITH advanced AS ({advance} RETURNING 1),
+                 recorded AS (
+                     INSERT INTO {processed} (consumer_group, event_id, topic, partition, \"offset\")
+                     SELECT $2, u.id, $3, $4, u.off FROM unnest($10::text[], $11::int8[]) AS u(id, off)
+                     WHERE EXISTS (SELECT 1 FROM advanced)
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM advanced), (SELECT count(*) FROM recorded)"
             ),
+            advance,
             dead_letter: format!(
                 "INSERT INTO {dead} (consumer_group, topic, partition, \"offset\", event_id, key, payload,
                                      headers, error, attempts, first_failed_at, last_failed_at)
