@@ -8,9 +8,11 @@
 /// gives a transaction its id at its *first write*, not at commit. Two
 /// transactions that overlap are therefore published in the order they
 /// began writing, even when a row lock made the later one commit first:
-/// an inbox batch's first write is its event-id insert, before the handler
-/// locks the account, so two batches updating one account can publish its
-/// events in the opposite order to their balances.
+/// when a transaction's first write comes before it locks the account (an
+/// inbox batch's event-id insert once a duplicate has put its partition on
+/// the checked form; in the steady state the ids are inserted after the
+/// handler), two transactions updating one account can publish its events
+/// in the opposite order to their balances.
 ///
 /// [`KeyOrder::Commit`] makes each key's publish order its commit order,
 /// which is the business order whenever the event is derived under a row
