@@ -3,7 +3,8 @@
 //! with a one-attempt retry policy nothing is dead-lettered.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,14 +17,16 @@ use txbox_testkit::{kafka, unique_name, TestDb};
 use txbox_tests::{dead_letters, wait_consumed, Bank, Deposit, RunningInbox};
 
 /// Stages one event keyed by the deposit's account. The first time it
-/// sees a message, another transaction, begun after the inbox's (whose
-/// first write is its event-id insert), stages the same key and commits
-/// first: the handler's staging then fails with 40001. It returns that
-/// error with `?` for even amounts and wrapped as retryable for odd ones.
+/// sees a message, it has the inbox's transaction take its id (as a first
+/// write would), then another transaction, begun after it, stages the same
+/// key and commits first: the handler's staging then fails with 40001,
+/// counted in `conflicts`. It returns that error with `?` for even amounts
+/// and wrapped as retryable for odd ones.
 struct Interfered {
     outbox: Outbox,
     pool: PgPool,
     seen: Mutex<HashSet<String>>,
+    conflicts: Arc<AtomicU32>,
 }
 
 impl Interfered {
@@ -47,6 +50,9 @@ impl Handler for Interfered {
             .map_err(|_| HandlerError::permanent("poisoned"))?
             .insert(msg.event_id().to_owned());
         if first_time {
+            sqlx::query("SELECT pg_current_xact_id()")
+                .execute(&mut **tx)
+                .await?;
             let mut other = self.pool.begin().await?;
             self.outbox
                 .stage(&mut other, Self::event(&d.account, "other")?)
@@ -57,6 +63,11 @@ impl Handler for Interfered {
             .outbox
             .stage(tx, Self::event(&d.account, "handler")?)
             .await;
+        if let Err(txbox::Error::Database(e)) = &staged {
+            if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("40001") {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         if d.amount % 2 == 0 {
             staged?;
         } else {
@@ -79,6 +90,7 @@ async fn a_key_order_conflict_in_a_handler_is_retried_without_an_attempt() {
     kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
 
     let outbox = Outbox::new(Schema::default()).key_order(KeyOrder::Commit);
+    let conflicts = Arc::new(AtomicU32::new(0));
     let h = RunningInbox::start(
         Inbox::builder(db.pool().clone())
             .brokers(broker.bootstrap())
@@ -89,6 +101,7 @@ async fn a_key_order_conflict_in_a_handler_is_retried_without_an_attempt() {
                     outbox,
                     pool: db.pool().clone(),
                     seen: Mutex::new(HashSet::new()),
+                    conflicts: conflicts.clone(),
                 },
             )
             // Batches of one: a counted failure goes straight to the
@@ -105,6 +118,11 @@ async fn a_key_order_conflict_in_a_handler_is_retried_without_an_attempt() {
         "consumed every message"
     );
     h.stop().await;
+    assert_eq!(
+        conflicts.load(Ordering::SeqCst),
+        6,
+        "each message met the conflict once"
+    );
     assert_eq!(dead_letters(db.pool()).await, 0, "no attempt was used up");
 
     // Per account: the other transaction's event, then the handler's

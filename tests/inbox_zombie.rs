@@ -14,8 +14,8 @@
 //!   zombies here hear of it 5 s late (`inbox.before_release`), as a
 //!   consumer whose poll thread is stuck would, so their stale
 //!   transactions meet the database's fence every time.
-//! - Kept frozen, inside its handler (holding uncommitted event-id rows the
-//!   successor must write too) or between its fenced advance and COMMIT
+//! - Kept frozen, inside its handler (holding uncommitted rows the
+//!   successor's handler must write too) or between its fenced advance and COMMIT
 //!   (holding the offsets row the successor's claim updates), it must not
 //!   stop the successor: PostgreSQL ends the zombie's idle transaction
 //!   (`transaction_idle_timeout`, below the session timeout) and the
@@ -256,8 +256,9 @@ async fn successor_finishes(scene: &Deposits, zombie: Child) -> i64 {
 }
 
 /// The zombie is frozen inside its handler, its transaction holding the
-/// batch's event ids (inserted, not committed), and stays frozen. The
-/// successor's insert of the same ids would wait on them.
+/// rows the handler wrote (the accounts' balances, not committed), and
+/// stays frozen. The successor's handler, writing the same rows, would
+/// wait on them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_frozen_in_its_handler_does_not_stall_the_successor() {
     let scene = Deposits::produce("zombie-held-ids", 60, 6).await;

@@ -4,7 +4,8 @@
 use sqlx::{PgPool, Postgres, Transaction};
 
 /// Begins a transaction and makes a first write unrelated to the outbox
-/// (as an inbox batch's event-id insert is), which gives the transaction
+/// (as an inbox batch's event-id insert is in the checked form), which
+/// gives the transaction
 /// its id; returns the transaction and the id. The write goes into
 /// `table`, whose columns must all have defaults.
 ///

@@ -128,8 +128,11 @@ pub(crate) async fn apply(
     chunk: &[InboxMessage],
     insert: IdInsert,
 ) -> Attempt {
-    let started = std::time::Instant::now();
-    let attempt = match try_apply(ctx, route, pos, chunk, insert).await {
+    // When the last transaction began: an optimistic attempt redone
+    // checked is two transactions, and only the last one's session can
+    // have been ended for idling.
+    let mut started = std::time::Instant::now();
+    let attempt = match try_apply(ctx, route, pos, chunk, insert, &mut started).await {
         Ok(a) | Err(a) => a,
     };
     idle_timed_out(attempt, started.elapsed(), ctx.idle_timeout)
@@ -178,6 +181,7 @@ async fn try_apply(
     pos: &Position,
     chunk: &[InboxMessage],
     insert: IdInsert,
+    started: &mut std::time::Instant,
 ) -> Result<Attempt, Attempt> {
     if chunk.is_empty() {
         return Ok(Attempt::Committed {
@@ -201,41 +205,40 @@ async fn try_apply(
     let mut tx = begin(ctx).await?;
     crate::crash_point!("inbox.before_business_write");
 
-    let run =
-        match insert {
-            // The steady state: every id is taken to be new, the handler runs
-            // on every message, and the ids are inserted by the statement that
-            // advances the position, after the handler (ADR 0013).
-            IdInsert::Optimistic if records_distinct_ids(ctx.dedupe, chunk) => {
-                let run = unrecorded_run(ctx.dedupe, pos, chunk);
-                let failed =
-                    match handle_and_advance(&mut tx, ctx, route, pos, chunk, &run, Record::Ids)
-                        .await
-                    {
-                        Ok(()) => return commit(tx, chunk, &run).await,
-                        // An id was seen before: nothing of this attempt commits.
-                        Err(Attempt::Db(e)) if is_unique_violation(&e) => {
-                            metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
-                            Attempt::Db(e)
-                        }
-                        // The handler failed, maybe on a message it should not
-                        // have seen (an id seen before, which its own
-                        // constraints refuse): its failure counts only once the
-                        // duplicates are out.
-                        Err(failed @ Attempt::HandlerFailed { .. }) => failed,
-                        Err(other) => return Err(other),
-                    };
-                // Start over, checked: the handler runs on the new messages
-                // only. A connection that cannot even roll back (the session
-                // was ended) leaves the failure as it was.
-                if tx.rollback().await.is_err() {
-                    return Err(failed);
+    let run = match insert {
+        // The steady state: every id is taken to be new, the handler runs
+        // on every message, and the ids are inserted by the statement that
+        // advances the position, after the handler (ADR 0013).
+        IdInsert::Optimistic if records_distinct_ids(ctx.dedupe, chunk) => {
+            let run = unrecorded_run(ctx.dedupe, pos, chunk);
+            match handle_and_advance(&mut tx, ctx, route, pos, chunk, &run, Record::Ids).await {
+                Ok(()) => return commit(tx, chunk, &run).await,
+                // An id was seen before: nothing of this attempt commits.
+                Err(Attempt::Db(e)) if is_unique_violation(&e) => {
+                    metrics::counter!("txbox_inbox_dedupe_conflicts_total").increment(1);
                 }
-                tx = begin(ctx).await?;
-                record_ids(&mut tx, ctx, pos, chunk).await?
+                // The handler failed, maybe on a message it should not
+                // have seen (an id seen before, which its own
+                // constraints refuse): its failure counts only once the
+                // duplicates are out.
+                Err(Attempt::HandlerFailed { error, .. }) => {
+                    tracing::debug!(error = %error.chain(),
+                            "handler failed on a batch whose ids were not checked; redoing it checked");
+                }
+                Err(other) => return Err(other),
             }
-            _ => record_ids(&mut tx, ctx, pos, chunk).await?,
-        };
+            // Start over, checked: the handler runs on the new messages
+            // only. A connection that cannot even roll back (the
+            // session was ended) is a database failure, waited out and
+            // not counted: the handler's failure may have come from a
+            // copy.
+            tx.rollback().await?;
+            *started = std::time::Instant::now();
+            tx = begin(ctx).await?;
+            record_ids(&mut tx, ctx, pos, chunk).await?
+        }
+        _ => record_ids(&mut tx, ctx, pos, chunk).await?,
+    };
     handle_and_advance(&mut tx, ctx, route, pos, chunk, &run, Record::Done).await?;
     commit(tx, chunk, &run).await
 }

@@ -511,7 +511,8 @@ impl InboxBuilder {
     /// when that is lower.
     ///
     /// This is what frees a successor from a zombie: a consumer frozen or
-    /// cut off inside its transaction holds its event-id rows and, between
+    /// cut off inside its transaction holds the rows its handler wrote (and
+    /// the event-id rows, once ids are checked first) and, between
     /// its fenced advance and COMMIT, the partition's offsets row, and the
     /// successor's writes of the same rows wait for it. Kept below the
     /// group's session timeout (librdkafka's `session.timeout.ms`, 45 s by
