@@ -498,7 +498,9 @@ async fn lock_waits_are_bounded_and_retried_without_using_attempts() {
     let until = tokio::time::Instant::now() + Duration::from_secs(3);
     while tokio::time::Instant::now() < until {
         let wait_ms: Option<f64> = sqlx::query_scalar(
-            "SELECT max(extract(epoch FROM now() - state_change) * 1000)::float8
+            // clock_timestamp(), not now(): a wait may begin after this
+            // statement's transaction did (now() - state_change < 0).
+            "SELECT max(greatest(extract(epoch FROM clock_timestamp() - state_change), 0) * 1000)::float8
              FROM pg_stat_activity
              WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))",
         )

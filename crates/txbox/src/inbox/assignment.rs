@@ -279,6 +279,13 @@ impl InboxContext {
         let depth = Arc::new(AtomicUsize::new(0));
         let committed = Arc::new(AtomicI64::new(-1));
         let cancel = self.shutdown.child_token();
+        // Below its watermark the partition is being replayed (its position
+        // was moved back): copies are the rule there.
+        let id_insert = if pos.next_offset < pos.consumed_until {
+            IdInsert::Checked
+        } else {
+            IdInsert::Optimistic
+        };
         let worker = PartitionWorker {
             shared: self.shared.clone(),
             route,
@@ -289,7 +296,7 @@ impl InboxContext {
             committed: committed.clone(),
             last_taken: None,
             held: None,
-            id_insert: IdInsert::Optimistic,
+            id_insert,
         };
         let old = self.slots().insert(
             key,

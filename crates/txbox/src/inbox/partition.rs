@@ -251,6 +251,8 @@ impl PartitionWorker {
              truncated, or the position was set past its end; moving the stored position \
              back to follow it (event ids already processed are still skipped)");
         self.bookkeep(Bookkeeping::Reposition(first)).await?;
+        // The new log may repeat events of the old one.
+        self.id_insert = IdInsert::Checked;
         Ok(())
     }
 
