@@ -101,8 +101,9 @@ impl Snapshot {
 }
 
 /// Runs `run`, waits for its statistics to settle, and returns its result
-/// with its share of the counters, and the CPU it took, per message. `before` must itself be a
-/// settled snapshot; the one returned is, for the next run.
+/// with its share of the counters, and the CPU it took, per message.
+/// `before` must itself be a settled snapshot; the one returned is, for the
+/// next run.
 pub(crate) async fn measured<T>(
     pool: &PgPool,
     indexes: &[&str],

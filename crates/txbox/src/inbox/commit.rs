@@ -223,7 +223,7 @@ async fn try_apply(
                 // duplicates are out.
                 Err(Attempt::HandlerFailed { error, .. }) => {
                     tracing::debug!(error = %error.chain(),
-                            "handler failed on a batch whose ids were not checked; redoing it checked");
+                        "handler failed on a batch whose ids were not checked; redoing it checked");
                 }
                 Err(other) => return Err(other),
             }
@@ -396,6 +396,7 @@ async fn record_ids(
         })
         .collect())
 }
+
 /// True when `e` is a database error whose SQLSTATE satisfies `test`.
 pub(crate) fn sqlstate_is(e: &sqlx::Error, test: impl Fn(&str) -> bool) -> bool {
     e.as_database_error()
@@ -541,8 +542,9 @@ async fn fenced_advance(
             .await?;
         let (advanced, inserted): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if advanced > 0 && inserted != total(ids.len()) {
-            // A trigger or rule discarded id rows: their duplicates would
-            // not be dropped.
+            // A trigger discarded id rows: their duplicates would not be
+            // dropped. (A rule on the table fails the statement instead:
+            // PostgreSQL refuses rules in a data-modifying WITH.)
             return Err(Attempt::Unwritten {
                 what: "event ids",
                 rows: u64::try_from(inserted).unwrap_or(0),
