@@ -291,6 +291,58 @@ async fn a_dead_letter_that_stores_no_row_stops_the_partition_instead_of_skippin
     Bank::assert_exactly_once(db.pool(), &good).await;
 }
 
+/// In the steady state the event ids are inserted by the statement that
+/// advances the position (ADR 0013). When a trigger discards them, the
+/// position does not move past messages whose ids were not stored (their
+/// copies would no longer be dropped): the partition stops, nothing
+/// commits, and once the trigger is gone every message is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_ids_a_trigger_discards_stop_the_partition_instead_of_committing() {
+    txbox_testkit::init_tracing();
+    let broker = txbox_testkit::kafka().await;
+    let db = TestDb::new().await;
+    Bank::setup(db.pool()).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION discard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER discard BEFORE INSERT ON txbox.inbox_processed
+             FOR EACH ROW EXECUTE FUNCTION discard();",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let topic = broker.topic("ids-discarded", 1).await;
+    let group = unique_name("bank");
+    let deposits = Bank::deposits(5, 2);
+    kafka::produce(broker.bootstrap(), &topic, Bank::records(&deposits)).await;
+
+    let h = RunningInbox::start(inbox(&db, broker, &group).handler(&topic, bank()));
+    assert!(
+        wait_position(db.pool(), &group, 0, 0).await,
+        "the partition was claimed"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM effects")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        (consumed(db.pool(), &group).await, effects),
+        (0, 0),
+        "nothing committed while the ids could not be stored"
+    );
+    h.stop().await;
+
+    sqlx::query("DROP TRIGGER discard ON txbox.inbox_processed")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let h = RunningInbox::start(inbox(&db, broker, &group).handler(&topic, bank()));
+    assert!(wait_consumed(db.pool(), &group, 5, Duration::from_secs(60)).await);
+    h.stop().await;
+    assert_eq!(dead_letters(db.pool()).await, 0);
+    Bank::assert_exactly_once(db.pool(), &deposits).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_id_with_a_nul_byte_is_dead_lettered() {
     txbox_testkit::init_tracing();
