@@ -242,6 +242,25 @@ async fn a_poison_message_at_an_offset_with_a_dead_letter_from_a_deleted_log_is_
     Bank::assert_exactly_once(db.pool(), &all).await;
 }
 
+/// A trigger on `table` that makes every insert succeed and write nothing.
+async fn discard_inserts(pool: &PgPool, table: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE OR REPLACE FUNCTION discard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER discard BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION discard();"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Drops the trigger of [`discard_inserts`] from `table`.
+async fn keep_inserts(pool: &PgPool, table: &str) {
+    sqlx::raw_sql(&format!("DROP TRIGGER discard ON {table}"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_letter_that_stores_no_row_stops_the_partition_instead_of_skipping() {
     txbox_testkit::init_tracing();
@@ -250,14 +269,7 @@ async fn a_dead_letter_that_stores_no_row_stops_the_partition_instead_of_skippin
     Bank::setup(db.pool()).await;
     // The insert succeeds and writes nothing (as a trigger or rule of an
     // operator's could make it).
-    sqlx::raw_sql(
-        "CREATE FUNCTION discard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
-         CREATE TRIGGER discard BEFORE INSERT ON txbox.inbox_dead_letters
-             FOR EACH ROW EXECUTE FUNCTION discard();",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    discard_inserts(db.pool(), "txbox.inbox_dead_letters").await;
     let topic = broker.topic("discarded", 1).await;
     let group = unique_name("bank");
     let (records, good) = around(vec![
@@ -276,10 +288,7 @@ async fn a_dead_letter_that_stores_no_row_stops_the_partition_instead_of_skippin
     h.stop().await;
     assert_eq!(dead_letters(db.pool()).await, 0);
 
-    sqlx::query("DROP TRIGGER discard ON txbox.inbox_dead_letters")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    keep_inserts(db.pool(), "txbox.inbox_dead_letters").await;
     let h = RunningInbox::start(inbox(&db, broker, &group).handler(&topic, bank()));
     assert!(wait_consumed(db.pool(), &group, 7, Duration::from_secs(60)).await);
     h.stop().await;
@@ -302,14 +311,7 @@ async fn event_ids_a_trigger_discards_stop_the_partition_instead_of_committing()
     let broker = txbox_testkit::kafka().await;
     let db = TestDb::new().await;
     Bank::setup(db.pool()).await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION discard() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
-         CREATE TRIGGER discard BEFORE INSERT ON txbox.inbox_processed
-             FOR EACH ROW EXECUTE FUNCTION discard();",
-    )
-    .execute(db.pool())
-    .await
-    .unwrap();
+    discard_inserts(db.pool(), "txbox.inbox_processed").await;
     let topic = broker.topic("ids-discarded", 1).await;
     let group = unique_name("bank");
     let deposits = Bank::deposits(5, 2);
@@ -332,10 +334,7 @@ async fn event_ids_a_trigger_discards_stop_the_partition_instead_of_committing()
     );
     h.stop().await;
 
-    sqlx::query("DROP TRIGGER discard ON txbox.inbox_processed")
-        .execute(db.pool())
-        .await
-        .unwrap();
+    keep_inserts(db.pool(), "txbox.inbox_processed").await;
     let h = RunningInbox::start(inbox(&db, broker, &group).handler(&topic, bank()));
     assert!(wait_consumed(db.pool(), &group, 5, Duration::from_secs(60)).await);
     h.stop().await;
