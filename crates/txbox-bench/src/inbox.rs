@@ -10,6 +10,7 @@ use txbox::inbox::{BatchError, BatchHandler, Dedupe, Inbox, InboxMessage, Tx};
 use txbox::{Outbox, OutboxEvent, Schema};
 
 use crate::ceiling::BenchDb;
+use crate::usage::{Sample, Usage};
 use crate::Shape;
 
 struct Settle {
@@ -62,6 +63,11 @@ pub(crate) struct InboxRun {
     /// A plain consumer reading the same topic with no database work,
     /// messages/s: how fast the broker delivers it at all.
     pub consume_only: f64,
+    /// Where the CPU went during the inbox's run (joining the group and
+    /// stopping included).
+    pub inbox_cpu: Usage,
+    /// The same for the hand-written consumer's run.
+    pub hand_cpu: Usage,
 }
 
 /// A pre-filled topic.
@@ -97,9 +103,42 @@ pub(crate) async fn filled(
     Ok(Filled { topic, messages: n })
 }
 
+/// Which of the two consumers a round runs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum First {
+    HandWritten,
+    Inbox,
+}
+
+impl First {
+    /// The order of round `round` (from 0): hand-written first, inbox
+    /// first, inbox first, hand-written first, and again (ABBA). The one
+    /// that runs second meets the tables the first one grew and dirtied,
+    /// and the autovacuum it set off; over four rounds each consumer takes
+    /// each place twice.
+    pub(crate) fn in_round(round: usize) -> Self {
+        if matches!(round % 4, 0 | 3) {
+            First::HandWritten
+        } else {
+            First::Inbox
+        }
+    }
+
+    /// For the round's label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            First::HandWritten => "hand-written first",
+            First::Inbox => "inbox first",
+        }
+    }
+}
+
 /// Fills a fresh topic with `n` messages, reads it once with a plain
 /// consumer, then consumes it with the hand-written consumer and with the
-/// inbox.
+/// inbox, in the order `first` says. Each of the two starts right after a
+/// checkpoint, so neither meets one the other (or the ceilings before
+/// them) set off, and both pay the same full-page images.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     db: &BenchDb,
     bootstrap: &str,
@@ -108,37 +147,64 @@ pub(crate) async fn run(
     key_order: txbox::outbox::KeyOrder,
     instances: usize,
     kafka: &[(String, String)],
+    first: First,
 ) -> anyhow::Result<InboxRun> {
     let input = filled(bootstrap, shape.partitions, n, Ids::Random).await?;
     let consume_only = consume_only(bootstrap, &input.topic, n).await?;
-    let hand_written = crate::baseline::run(
-        &db.pool,
-        bootstrap,
-        &input.topic,
-        shape.partitions,
-        shape.batch,
-        n,
-    )
-    .await?;
-    let inbox = inbox(
-        db,
-        bootstrap,
-        &input,
-        Consumers {
+    let hand_written = || async {
+        checkpoint(db).await?;
+        crate::baseline::run(
+            &db.pool,
+            bootstrap,
+            &input.topic,
+            shape.partitions,
+            shape.batch,
+            n,
+        )
+        .await
+    };
+    let txbox = || async {
+        checkpoint(db).await?;
+        let c = Consumers {
             batch: shape.batch,
             key_order,
             dedupe: Dedupe::EventIds,
             group: None,
             instances,
             kafka,
-        },
-    )
-    .await?;
+        };
+        inbox(db, bootstrap, &input, c).await
+    };
+    let me = [std::process::id()];
+    let used = |from: &Sample| from.until(&Sample::take(&me));
+    let ((hand_written, hand_cpu), (inbox, inbox_cpu)) = match first {
+        First::HandWritten => {
+            let at = Sample::take(&me);
+            let h = (hand_written().await?, used(&at));
+            let at = Sample::take(&me);
+            (h, (txbox().await?, used(&at)))
+        }
+        First::Inbox => {
+            let at = Sample::take(&me);
+            let i = (txbox().await?, used(&at));
+            let at = Sample::take(&me);
+            ((hand_written().await?, used(&at)), i)
+        }
+    };
     Ok(InboxRun {
         inbox,
         hand_written,
         consume_only,
+        inbox_cpu,
+        hand_cpu,
     })
+}
+
+/// Writes out every dirty buffer and starts the WAL's next checkpoint
+/// cycle (needs a superuser or `pg_checkpoint`).
+async fn checkpoint(db: &BenchDb) -> anyhow::Result<()> {
+    sqlx::raw_sql("CHECKPOINT").execute(&db.pool).await?;
+    Ok(())
 }
 
 /// How the inbox consumes in one run.
@@ -224,9 +290,11 @@ pub(crate) async fn inbox(
     };
     let elapsed = started.0.elapsed();
     stop.cancel();
+    let closing = Instant::now();
     while let Some(done) = tasks.join_next().await {
         done??;
     }
+    tracing::debug!(ms = closing.elapsed().as_millis(), "inbox stopped");
     Ok((n as i64 - started.1) as f64 / elapsed.as_secs_f64())
 }
 

@@ -56,7 +56,12 @@
 //!
 //! Each shape runs `--rounds` times, baselines and inbox back to back in
 //! every round, so a noisy neighbour slows both sides of a ratio alike; the
-//! median line gives the medians of the rounds' figures and ratios.
+//! hand-written consumer and the inbox take turns going first (ABBA: the
+//! second meets the tables the first grew, and the autovacuum it set off),
+//! each right after a `CHECKPOINT`; every round starts with the dedupe
+//! tables and outboxes emptied (their growth is `dedupe`'s subject); the
+//! median line gives the medians of the rounds' figures and ratios (use a
+//! multiple of 4 rounds for a balanced order).
 //!
 //! Needs `TXBOX_TEST_DATABASE_URL` (or `--database-url`) and
 //! `TXBOX_KAFKA_BOOTSTRAP` (or `--bootstrap`; Apache Kafka, `scripts/dev-up`
@@ -105,10 +110,12 @@ enum What {
         /// Seconds per ceiling run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Rounds per shape. Each round runs every baseline and then the
-        /// inbox; with more than one, a median line follows (ratios are the
-        /// medians of the rounds' own ratios).
-        #[arg(long, default_value_t = 3)]
+        /// Rounds per shape. Each round runs every baseline and the inbox,
+        /// the hand-written consumer and the inbox taking turns going first
+        /// (ABBA: a multiple of 4 balances the order); with more than one,
+        /// a median line follows (ratios are the medians of the rounds' own
+        /// ratios).
+        #[arg(long, default_value_t = 4)]
         rounds: usize,
         /// Run only these shapes, as `BATCHxPARTITIONS` (repeatable, e.g.
         /// `--shape 100x1`, or `--shape 100x16`). Default: 1x1, 100x1 and
@@ -183,9 +190,11 @@ struct Round {
 }
 
 impl Round {
-    fn print(&self, label: &str) {
+    /// One round's line, `note` after the figures (which consumer ran
+    /// first).
+    fn print(&self, label: &str, note: &str) {
         println!(
-            "{label:<33} {:>9.0} {:>12.0} {:>6.2} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}",
+            "{label:<33} {:>9.0} {:>12.0} {:>6.2} {:>10.0} {:>6.2} {:>11.0} {:>6.2} {:>9.0} {:>6.2} {:>12.0}  {note}",
             self.inbox,
             self.hand_written,
             self.inbox / self.hand_written,
@@ -353,6 +362,8 @@ async fn main() -> anyhow::Result<()> {
                 let dur = std::time::Duration::from_secs(seconds);
                 let mut rounds = Vec::with_capacity(rounds_wanted);
                 for round in 1..=rounds_wanted {
+                    let first = inbox::First::in_round(round - 1);
+                    db.reset_round().await?;
                     let same = ceiling::run(&db, ceiling::Sql::Txbox, shape, dur, order).await?;
                     let reference =
                         ceiling::run(&db, ceiling::Sql::Reference, shape, dur, order).await?;
@@ -368,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
                         order,
                         instances,
                         &inbox_options,
+                        first,
                     )
                     .await?;
                     let row = Round {
@@ -378,7 +390,25 @@ async fn main() -> anyhow::Result<()> {
                         pgbench: pg,
                         consume_only: run.consume_only,
                     };
-                    row.print(&format!("{name} #{round}"));
+                    row.print(&format!("{name} #{round}"), first.label());
+                    // CPU time per message over each consumer's whole
+                    // run (joining and leaving the group included).
+                    let per_message = |u: &usage::Usage| {
+                        let us = |cores: f64| cores * u.seconds * 1e6 / n.max(1000) as f64;
+                        format!(
+                            "machine {:.1}, PostgreSQL {:.1}, broker {:.1}, this process {:.1}",
+                            us(u.machine),
+                            us(u.postgres),
+                            us(u.broker),
+                            us(u.own)
+                        )
+                    };
+                    println!(
+                        "{:<33} CPU µs/msg: inbox {}; hand-written {}",
+                        "",
+                        per_message(&run.inbox_cpu),
+                        per_message(&run.hand_cpu)
+                    );
                     rounds.push(row);
                 }
                 if rounds.len() > 1 {

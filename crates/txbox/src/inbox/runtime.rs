@@ -196,6 +196,10 @@ impl Inbox {
         let _ = pruner.await;
         let _ = replayer.await;
         consumer.unsubscribe();
+        // Dropping the consumer closes it: librdkafka leaves the group and
+        // the drop polls until it has, blocking this thread; the runtime's
+        // other tasks move to another meanwhile.
+        tokio::task::block_in_place(move || drop(consumer));
         Ok(())
     }
 
