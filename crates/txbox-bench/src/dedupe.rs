@@ -163,6 +163,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 group,
                 instances: 1,
                 kafka: &[],
+                max_buffered: None,
             };
             inbox(&db, bootstrap, input, c).await
         };

@@ -146,7 +146,7 @@ pub(crate) async fn run(
     n: usize,
     key_order: txbox::outbox::KeyOrder,
     instances: usize,
-    kafka: &[(String, String)],
+    tuning: &Tuning,
     first: First,
 ) -> anyhow::Result<InboxRun> {
     let input = filled(bootstrap, shape.partitions, n, Ids::Random).await?;
@@ -171,7 +171,8 @@ pub(crate) async fn run(
             dedupe: Dedupe::EventIds,
             group: None,
             instances,
-            kafka,
+            kafka: &tuning.kafka,
+            max_buffered: tuning.max_buffered,
         };
         inbox(db, bootstrap, &input, c).await
     };
@@ -207,6 +208,15 @@ async fn checkpoint(db: &BenchDb) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The inbox's settings a run may change from their defaults.
+#[derive(Debug, Default)]
+pub(crate) struct Tuning {
+    /// librdkafka properties for the inboxes' consumers.
+    pub kafka: Vec<(String, String)>,
+    /// `InboxBuilder::max_buffered`.
+    pub max_buffered: Option<usize>,
+}
+
 /// How the inbox consumes in one run.
 pub(crate) struct Consumers<'a> {
     pub batch: usize,
@@ -219,6 +229,8 @@ pub(crate) struct Consumers<'a> {
     pub instances: usize,
     /// librdkafka properties for the inboxes' consumers.
     pub kafka: &'a [(String, String)],
+    /// `InboxBuilder::max_buffered` (default: the inbox's).
+    pub max_buffered: Option<usize>,
 }
 
 /// Consumes `input` with txbox inboxes; returns messages/s from the first
@@ -253,6 +265,10 @@ pub(crate) async fn inbox(
             )
             .batch_size(c.batch)
             .dedupe(c.dedupe);
+        let inbox = match c.max_buffered {
+            Some(n) => inbox.max_buffered(n),
+            None => inbox,
+        };
         let inbox = c
             .kafka
             .iter()

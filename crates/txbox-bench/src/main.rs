@@ -135,6 +135,10 @@ enum What {
         /// `--inbox-option fetch.wait.max.ms=500` for librdkafka's default.
         #[arg(long = "inbox-option", value_name = "KEY=VALUE", value_parser = txbox::kafka::parse_option)]
         inbox_options: Vec<(String, String)>,
+        /// Messages buffered per partition before the inbox pauses its
+        /// fetch (`InboxBuilder::max_buffered`; default the inbox's).
+        #[arg(long)]
+        max_buffered: Option<usize>,
     },
     /// The relay against plain transactional and idempotent producers,
     /// and its latency at a steady rate.
@@ -288,7 +292,12 @@ async fn main() -> anyhow::Result<()> {
             key_order,
             instances,
             inbox_options,
+            max_buffered,
         } => {
+            let tuning = inbox::Tuning {
+                kafka: inbox_options,
+                max_buffered,
+            };
             let order = txbox::outbox::KeyOrder::from(key_order);
             let db = ceiling::BenchDb::create(&opt.database_url).await?;
             db.add_ceiling().await?;
@@ -378,7 +387,7 @@ async fn main() -> anyhow::Result<()> {
                         n.max(1000),
                         order,
                         instances,
-                        &inbox_options,
+                        &tuning,
                         first,
                     )
                     .await?;
