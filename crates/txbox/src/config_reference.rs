@@ -112,6 +112,7 @@ fn inbox_option(b: InboxBuilder, option: &str, default: &str) -> Documented<Inbo
             "mirror_offsets: None",
         ),
         "max_buffered" => Value(b.max_buffered(number(option, default))),
+        "max_buffered_bytes" => Value(b.max_buffered_bytes(bytes(only(option, default)))),
         "lock_timeout" => Value(b.lock_timeout(duration(only(option, default)))),
         // The first value; the rest says when `build` derives a lower one.
         "transaction_idle_timeout" => Value(
@@ -188,6 +189,22 @@ fn number<T: std::str::FromStr>(option: &str, default: &str) -> T {
     let text = only(option, default).replace(',', "");
     text.parse()
         .unwrap_or_else(|_| panic!("{option}: {text:?} is not a number"))
+}
+
+/// `512 KiB`, `16 MiB`, `1 GiB`.
+fn bytes(text: &str) -> usize {
+    let (n, unit) = text
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{text:?} is not `<number> <unit>`"));
+    let n: usize = n
+        .parse()
+        .unwrap_or_else(|_| panic!("{text:?}: {n:?} is not a number"));
+    match unit {
+        "KiB" => n << 10,
+        "MiB" => n << 20,
+        "GiB" => n << 30,
+        other => panic!("{text:?}: unknown unit {other:?}"),
+    }
 }
 
 /// `100 ms`, `30 s`, `60 min`, `1 h`, `14 days`.
@@ -401,4 +418,5 @@ fn durations_read_as_the_tables_write_them() {
     assert_eq!(duration("100 ms"), Duration::from_millis(100));
     assert_eq!(duration("14 days"), Duration::from_secs(14 * 24 * 3600));
     assert_eq!(number::<usize>("max_buffered", "`10,000`"), 10_000);
+    assert_eq!(bytes("16 MiB"), 16 << 20);
 }

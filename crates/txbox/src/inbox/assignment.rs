@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use futures::FutureExt as _;
 
+use super::buffered::Buffered;
 use super::commit::{IdInsert, Position};
 use super::config::StartFrom;
 use super::message::panic_message;
@@ -36,7 +37,7 @@ use super::InboxMessage;
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub tx: mpsc::UnboundedSender<InboxMessage>,
-    pub depth: Arc<AtomicUsize>,
+    pub buffered: Arc<Buffered>,
     pub cancel: CancellationToken,
     pub paused: bool,
     /// The partition's committed next offset (-1 before the first commit),
@@ -276,7 +277,7 @@ impl InboxContext {
             return;
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let depth = Arc::new(AtomicUsize::new(0));
+        let buffered = Arc::new(Buffered::default());
         let committed = Arc::new(AtomicI64::new(-1));
         let cancel = self.shutdown.child_token();
         // Below its watermark the partition is being replayed (its position
@@ -291,7 +292,7 @@ impl InboxContext {
             route,
             pos,
             rx,
-            depth: depth.clone(),
+            buffered: buffered.clone(),
             cancel: cancel.clone(),
             committed: committed.clone(),
             last_taken: None,
@@ -302,7 +303,7 @@ impl InboxContext {
             key,
             Slot {
                 tx,
-                depth,
+                buffered,
                 cancel,
                 paused: false,
                 committed,
@@ -352,15 +353,17 @@ impl InboxContext {
         let key: Key = (msg.topic.clone(), msg.partition);
         let mut slots = self.slots();
         let slot = slots.get_mut(&key)?;
-        // Count before sending: the worker decrements once it has received.
-        let depth = slot.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        // Count before sending: the worker uncounts once it has received.
+        let bytes = msg.buffered_size();
+        let reached = slot.buffered.add(bytes, self.shared.opts.buffer_bounds());
         if slot.tx.send(msg).is_err() {
             // The worker stopped (failure policy): keep the partition paused.
-            slot.depth.fetch_sub(1, Ordering::Relaxed);
+            slot.buffered.undo(bytes);
             slot.paused = true;
             return Some(key);
         }
-        if depth >= self.shared.opts.max_buffered && !slot.paused {
+        if reached && !slot.paused {
+            metrics::counter!("txbox_inbox_backpressure_pauses_total").increment(1);
             slot.paused = true;
             return Some(key);
         }
@@ -383,10 +386,10 @@ impl InboxContext {
 
     /// Partitions paused for backpressure whose queue has drained.
     pub(crate) fn drained(&self) -> Vec<Key> {
-        let low = self.shared.opts.resume_at();
+        let bounds = self.shared.opts.buffer_bounds();
         let mut out = Vec::new();
         for (key, slot) in self.slots().iter_mut() {
-            if slot.paused && !slot.tx.is_closed() && slot.depth.load(Ordering::Relaxed) <= low {
+            if slot.paused && !slot.tx.is_closed() && slot.buffered.is_drained(bounds) {
                 slot.paused = false;
                 out.push(key.clone());
             }

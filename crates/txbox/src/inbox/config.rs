@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::buffered::Bounds;
 use super::Dedupe;
 use crate::db::Backoff;
 use crate::error::{Error, Result};
@@ -86,6 +87,7 @@ pub(crate) struct Options {
     pub prune_interval: Duration,
     pub prune_batch: i64,
     pub max_buffered: usize,
+    pub max_buffered_bytes: usize,
     pub mirror_offsets: Option<Duration>,
     pub waits: Waits,
 }
@@ -175,10 +177,12 @@ impl Default for Waits {
 }
 
 impl Options {
-    /// Queue depth at which a partition paused for backpressure is resumed:
-    /// half of `max_buffered`.
-    pub(crate) fn resume_at(&self) -> usize {
-        self.max_buffered / 2
+    /// When a partition is paused for backpressure, and resumed.
+    pub(crate) fn buffer_bounds(&self) -> Bounds {
+        Bounds {
+            messages: self.max_buffered,
+            bytes: self.max_buffered_bytes,
+        }
     }
 }
 
@@ -194,7 +198,8 @@ impl Default for Options {
             dedupe_retention: Duration::from_secs(14 * 24 * 3600),
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,
-            max_buffered: 10_000,
+            max_buffered: 50_000,
+            max_buffered_bytes: 16 << 20,
             mirror_offsets: None,
             waits: Waits::default(),
         }

@@ -65,6 +65,23 @@ pub struct DecodeError {
 }
 
 impl InboxMessage {
+    /// The memory this message holds while it waits for its worker, counted
+    /// against `InboxBuilder::max_buffered_bytes`: its own size and what its
+    /// key, payload, headers and event id own (the topic name is shared).
+    pub(crate) fn buffered_size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len))
+            .sum();
+        std::mem::size_of::<Self>()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + headers
+            + self.event_id.len()
+            + self.rejected.as_ref().map_or(0, String::len)
+    }
+
     /// A message at a position, with no key, payload or headers; its event id
     /// is the position (`topic/partition/offset`). For tests of handlers.
     pub fn new(topic: &str, partition: i32, offset: i64) -> Self {
@@ -263,6 +280,28 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffered_message_counts_what_it_owns() {
+        let bare = InboxMessage::new("t", 0, 7);
+        let own = bare.buffered_size() - bare.event_id.len();
+        assert!(
+            (100..=300).contains(&own),
+            "about 200 bytes of its own: {own}"
+        );
+        let mut headers = Headers::new();
+        headers.insert("ce_id", "abc");
+        let full = InboxMessage {
+            key: Some(vec![0; 10]),
+            payload: Some(vec![0; 1000]),
+            headers,
+            ..bare.clone()
+        };
+        assert_eq!(
+            full.buffered_size(),
+            bare.buffered_size() + 10 + 1000 + 5 + 3
+        );
+    }
 
     #[test]
     fn panics_and_nul_ids_are_refused_with_the_position_as_id() {

@@ -29,6 +29,7 @@
 //! purpose (replay, skip), use [`PositionReset`] or `txbox offsets reset`.
 
 mod assignment;
+mod buffered;
 mod commit;
 mod config;
 mod dead_letters;

@@ -2,7 +2,7 @@
 //! failures, retries, dead-letters.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::buffered::Buffered;
 use super::commit::{self, sqlstate_is, Attempt, Ctx, Failure, IdInsert, Position, Route};
 use super::config::FailureAction;
 use super::handler::HandlerError;
@@ -45,7 +46,7 @@ pub(crate) struct PartitionWorker {
     pub route: Route,
     pub pos: Position,
     pub rx: mpsc::UnboundedReceiver<InboxMessage>,
-    pub depth: Arc<AtomicUsize>,
+    pub buffered: Arc<Buffered>,
     pub cancel: CancellationToken,
     pub committed: Arc<AtomicI64>,
     /// The offset of the last message taken from the queue.
@@ -131,7 +132,9 @@ impl PartitionWorker {
         if self.cancel.is_cancelled() {
             return None;
         }
-        let mut received = 0usize;
+        // Received from the queue now (a held message was counted when
+        // it was received): messages, bytes.
+        let mut received = (0usize, 0usize);
         let first = match self.held.take() {
             Some(m) => m,
             None => {
@@ -140,7 +143,7 @@ impl PartitionWorker {
                     _ = self.cancel.cancelled() => return None,
                     m = self.rx.recv() => m?,
                 };
-                received += 1;
+                received = (1, m.buffered_size());
                 m
             }
         };
@@ -164,16 +167,17 @@ impl PartitionWorker {
                     }
                 }
             };
-            received += 1;
+            received = (received.0 + 1, received.1 + next.buffered_size());
             if batch.last().is_some_and(|last| next.offset <= last.offset) {
                 self.held = Some(next);
             } else {
                 batch.push(next);
             }
         }
-        let before = self.depth.fetch_sub(received, Ordering::Relaxed);
-        let resume_at = opts.resume_at();
-        if before > resume_at && before.saturating_sub(received) <= resume_at {
+        if self
+            .buffered
+            .take(received.0, received.1, opts.buffer_bounds())
+        {
             self.shared.drained.notify_one();
         }
         Some(batch)
