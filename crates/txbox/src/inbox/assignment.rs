@@ -97,11 +97,17 @@ impl ConsumerContext for InboxContext {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.assign(base, &parts, tpl);
-                if cooperative {
+                let assigned = if cooperative {
                     base.incremental_assign(tpl)
                 } else {
                     base.assign(tpl)
-                }
+                };
+                // librdkafka keeps an application's pause across a
+                // rebalance: a partition paused for backpressure (or a
+                // stopped one) when it was revoked would never be fetched
+                // again once assigned back. Its new worker starts with an
+                // empty buffer, unpaused.
+                assigned.and_then(|()| base.resume(tpl))
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.release(&parts);

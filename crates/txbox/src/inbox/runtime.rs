@@ -510,8 +510,9 @@ impl InboxBuilder {
     }
 
     /// Bytes buffered per partition before it is paused (default 16 MiB):
-    /// the memory bound of [`max_buffered`](Self::max_buffered), which
-    /// counts messages. A message counts its key, payload, header names and
+    /// the memory bound of what waits for the partition's worker (the batch
+    /// it is applying comes on top), where
+    /// [`max_buffered`](Self::max_buffered) counts messages. A message counts its key, payload, header names and
     /// values, event id, and about 200 bytes of its own. A message larger
     /// than the bound is still delivered: the partition is paused after it
     /// and resumed once it is taken.
