@@ -393,7 +393,7 @@ async fn prefill(pool: &PgPool, from: u64, to: u64, ids: Ids) -> anyhow::Result<
     // others do, and which are which is chance. A checkpoint now puts
     // both indexes where a service's stand after each checkpoint (and
     // writes out the load's dirty buffers before the runs).
-    sqlx::raw_sql("CHECKPOINT").execute(pool).await?;
+    crate::pg_io::checkpoint(pool).await?;
     Ok(())
 }
 

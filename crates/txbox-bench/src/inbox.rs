@@ -10,7 +10,8 @@ use txbox::inbox::{BatchError, BatchHandler, Dedupe, Inbox, InboxMessage, Tx};
 use txbox::{Outbox, OutboxEvent, Schema};
 
 use crate::ceiling::BenchDb;
-use crate::usage::{Sample, Usage};
+use crate::pg_io::checkpoint;
+use crate::usage::{during, Usage};
 use crate::Shape;
 
 struct Settle {
@@ -136,8 +137,9 @@ impl First {
 /// Fills a fresh topic with `n` messages, reads it once with a plain
 /// consumer, then consumes it with the hand-written consumer and with the
 /// inbox, in the order `first` says. Each of the two starts right after a
-/// checkpoint, so neither meets one the other (or the ceilings before
-/// them) set off, and both pay the same full-page images.
+/// checkpoint (outside its CPU measure), so neither meets one the other
+/// (or the ceilings before them) set off, and both pay the same full-page
+/// images.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     db: &BenchDb,
@@ -152,19 +154,19 @@ pub(crate) async fn run(
     let input = filled(bootstrap, shape.partitions, n, Ids::Random).await?;
     let consume_only = consume_only(bootstrap, &input.topic, n).await?;
     let hand_written = || async {
-        checkpoint(db).await?;
-        crate::baseline::run(
+        checkpoint(&db.pool).await?;
+        during(crate::baseline::run(
             &db.pool,
             bootstrap,
             &input.topic,
             shape.partitions,
             shape.batch,
             n,
-        )
+        ))
         .await
     };
     let txbox = || async {
-        checkpoint(db).await?;
+        checkpoint(&db.pool).await?;
         let c = Consumers {
             batch: shape.batch,
             key_order,
@@ -174,22 +176,16 @@ pub(crate) async fn run(
             kafka: &tuning.kafka,
             max_buffered: tuning.max_buffered,
         };
-        inbox(db, bootstrap, &input, c).await
+        during(inbox(db, bootstrap, &input, c)).await
     };
-    let me = [std::process::id()];
-    let used = |from: &Sample| from.until(&Sample::take(&me));
     let ((hand_written, hand_cpu), (inbox, inbox_cpu)) = match first {
         First::HandWritten => {
-            let at = Sample::take(&me);
-            let h = (hand_written().await?, used(&at));
-            let at = Sample::take(&me);
-            (h, (txbox().await?, used(&at)))
+            let h = hand_written().await?;
+            (h, txbox().await?)
         }
         First::Inbox => {
-            let at = Sample::take(&me);
-            let i = (txbox().await?, used(&at));
-            let at = Sample::take(&me);
-            ((hand_written().await?, used(&at)), i)
+            let i = txbox().await?;
+            (hand_written().await?, i)
         }
     };
     Ok(InboxRun {
@@ -199,13 +195,6 @@ pub(crate) async fn run(
         inbox_cpu,
         hand_cpu,
     })
-}
-
-/// Writes out every dirty buffer and starts the WAL's next checkpoint
-/// cycle (needs a superuser or `pg_checkpoint`).
-async fn checkpoint(db: &BenchDb) -> anyhow::Result<()> {
-    sqlx::raw_sql("CHECKPOINT").execute(&db.pool).await?;
-    Ok(())
 }
 
 /// The inbox's settings a run may change from their defaults.

@@ -403,13 +403,10 @@ async fn main() -> anyhow::Result<()> {
                     // CPU time per message over each consumer's whole
                     // run (joining and leaving the group included).
                     let per_message = |u: &usage::Usage| {
-                        let us = |cores: f64| cores * u.seconds * 1e6 / n.max(1000) as f64;
+                        let c = u.per_message(n.max(1000));
                         format!(
                             "machine {:.1}, PostgreSQL {:.1}, broker {:.1}, this process {:.1}",
-                            us(u.machine),
-                            us(u.postgres),
-                            us(u.broker),
-                            us(u.own)
+                            c.machine, c.postgres, c.broker, c.own
                         )
                     };
                     println!(

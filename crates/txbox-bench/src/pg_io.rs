@@ -17,12 +17,20 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::usage::{Sample, Usage};
+use crate::usage::{self, Usage};
 
 /// How long after a run its statistics are all in the shared counters: a
 /// busy backend hands its counts over at most once a second, an idle one
 /// within 10 s (PostgreSQL's `PGSTAT_IDLE_INTERVAL`).
 pub(crate) const SETTLE: Duration = Duration::from_millis(11_000);
+
+/// Writes out every dirty buffer and starts the WAL's next checkpoint
+/// cycle, so that what a run writes next pays its full-page images from a
+/// known start (needs a superuser or `pg_checkpoint`).
+pub(crate) async fn checkpoint(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql("CHECKPOINT").execute(pool).await?;
+    Ok(())
+}
 
 /// One reading of the counters.
 #[derive(Debug, Clone, Copy)]
@@ -87,15 +95,15 @@ impl Snapshot {
     /// checkpoints are not divided).
     pub(crate) fn per_message(&self, before: &Snapshot, messages: usize, cpu: Usage) -> RunIo {
         let n = messages.max(1) as f64;
-        let us = |cores: f64| cores * cpu.seconds * 1e6 / n;
+        let cpu = cpu.per_message(messages);
         RunIo {
             wal_bytes: (self.wal_bytes - before.wal_bytes) / n,
             fpi: (self.wal_fpi - before.wal_fpi) / n,
             blocks_read: (self.index_blocks_read - before.index_blocks_read) / n,
             checkpoints: self.checkpoints - before.checkpoints,
-            cpu_own_us: us(cpu.own),
-            cpu_postgres_us: us(cpu.postgres),
-            cpu_broker_us: us(cpu.broker),
+            cpu_own_us: cpu.own,
+            cpu_postgres_us: cpu.postgres,
+            cpu_broker_us: cpu.broker,
         }
     }
 }
@@ -111,10 +119,7 @@ pub(crate) async fn measured<T>(
     before: Snapshot,
     run: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, RunIo, Snapshot)> {
-    let me = [std::process::id()];
-    let started = Sample::take(&me);
-    let out = run.await?;
-    let cpu = started.until(&Sample::take(&me));
+    let (out, cpu) = usage::during(run).await?;
     tokio::time::sleep(SETTLE).await;
     let after = Snapshot::take(pool, indexes).await?;
     Ok((out, after.per_message(&before, messages, cpu), after))

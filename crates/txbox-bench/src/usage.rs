@@ -79,6 +79,39 @@ impl Sample {
     }
 }
 
+/// A run's CPU time divided over its messages, in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PerMessage {
+    pub machine: f64,
+    pub postgres: f64,
+    pub broker: f64,
+    pub own: f64,
+}
+
+impl Usage {
+    /// The CPU time of the run, divided over its `messages`.
+    pub(crate) fn per_message(&self, messages: usize) -> PerMessage {
+        let us = |cores: f64| cores * self.seconds * 1e6 / messages.max(1) as f64;
+        PerMessage {
+            machine: us(self.machine),
+            postgres: us(self.postgres),
+            broker: us(self.broker),
+            own: us(self.own),
+        }
+    }
+}
+
+/// Runs `run`; returns its result and where the CPU went meanwhile (this
+/// process's as the benchmark's own).
+pub(crate) async fn during<T>(
+    run: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Usage)> {
+    let me = [std::process::id()];
+    let started = Sample::take(&me);
+    let out = run.await?;
+    Ok((out, started.until(&Sample::take(&me))))
+}
+
 /// (all, busy) jiffies from the first line of `/proc/stat`.
 fn machine() -> (u64, u64) {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
