@@ -5,11 +5,13 @@
 
 mod support;
 
+use std::time::Duration;
+
 use txbox::inbox::Inbox;
 use txbox_testkit::kafka::{self, Record};
 use txbox_testkit::{unique_name, TestDb};
 
-use support::{applied, consume, create_applied, RecordApplied};
+use support::{applied, consume, create_applied, wait_consumed, RecordApplied, SlowRecordApplied};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_partition_resumes_at_once_and_loses_nothing() {
@@ -56,27 +58,11 @@ async fn a_paused_partition_resumes_at_once_and_loses_nothing() {
     assert_eq!(applied, expected, "in offset order, none skipped");
 }
 
-/// Sleeps per batch, so the partitions stay paused for backpressure.
-struct Slow;
-
-#[async_trait::async_trait]
-impl txbox::inbox::BatchHandler for Slow {
-    async fn handle_batch(
-        &self,
-        tx: &mut txbox::inbox::Tx,
-        messages: &[txbox::inbox::InboxMessage],
-    ) -> Result<(), txbox::inbox::BatchError> {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        RecordApplied.handle_batch(tx, messages).await
-    }
-}
-
 /// librdkafka keeps an application's pause on a partition across a
 /// rebalance: a partition paused for backpressure when it was revoked, and
 /// assigned back to the same consumer, was never fetched again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_paused_when_revoked_is_fetched_again_once_assigned_back() {
-    use std::time::{Duration, Instant};
     txbox_testkit::init_tracing();
     const PER_PARTITION: usize = 1000;
     let db = TestDb::new().await;
@@ -99,7 +85,7 @@ async fn a_partition_paused_when_revoked_is_fetched_again_once_assigned_back() {
         Inbox::builder(db.pool().clone())
             .brokers(broker.bootstrap())
             .group_id(&group)
-            .batch_handler(&topic, Slow)
+            .batch_handler(&topic, SlowRecordApplied)
             .batch_size(10)
             .max_buffered(20)
             .kafka_option("fetch.wait.max.ms", "10")
@@ -111,44 +97,15 @@ async fn a_partition_paused_when_revoked_is_fetched_again_once_assigned_back() {
         let s = stop.clone();
         tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await })
     };
-    let consumed = || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets \
-             WHERE consumer_group = $1",
-        )
-        .bind(&group)
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        n as usize
-    };
     let first = start(inbox());
-    let started = Instant::now();
-    while consumed().await < 100 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the first inbox never got going"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let within = Duration::from_secs(60);
+    wait_consumed(db.pool(), &group, 100, within, "the first inbox alone").await;
     // A second member: the group rebalances, every partition is revoked
     // from the first (paused, with its buffer full), and one is assigned
-    // back to it.
+    // back to it. Without the resume, that one is never fetched again.
     let second = start(inbox());
-    let deadline = Duration::from_secs(90);
-    let started = Instant::now();
-    loop {
-        let n = consumed().await;
-        if n == 2 * PER_PARTITION {
-            break;
-        }
-        assert!(
-            started.elapsed() < deadline,
-            "the group consumed {n} of {} in {deadline:?}: a partition stayed paused",
-            2 * PER_PARTITION
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let within = Duration::from_secs(90);
+    wait_consumed(db.pool(), &group, 2 * PER_PARTITION, within, "the group").await;
     stop.cancel();
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
@@ -165,11 +122,13 @@ async fn a_partition_paused_when_revoked_is_fetched_again_once_assigned_back() {
         epochs.len() == 2 && epochs.iter().all(|&e| e >= 2),
         "both partitions claimed again while consuming: epochs {epochs:?}"
     );
-    let mut offsets: Vec<i64> = applied(db.pool())
-        .await
-        .into_iter()
-        .map(|(o, _)| o)
-        .collect();
+    let applied = applied(db.pool()).await;
+    assert_eq!(
+        applied.len(),
+        2 * PER_PARTITION,
+        "each message applied once"
+    );
+    let mut offsets: Vec<i64> = applied.into_iter().map(|(o, _)| o).collect();
     offsets.sort_unstable();
     offsets.dedup();
     assert_eq!(

@@ -1,5 +1,9 @@
 //! What the backpressure tests share: a handler recording what it applied,
-//! and a run of an inbox until it has consumed a partition.
+//! a slower one, and a run of an inbox until its group has consumed its
+//! input.
+
+// Each test binary compiles this module and uses part of it.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
@@ -41,34 +45,58 @@ pub async fn create_applied(pool: &PgPool) {
     .unwrap();
 }
 
-/// Runs the inbox `builder` builds until `group`'s partition 0 is consumed
-/// up to `messages`, failing after 60 s, and stops it.
+/// Sleeps 50 ms per batch, then records it as [`RecordApplied`] does: a
+/// worker this slow keeps its partition paused for backpressure.
+pub struct SlowRecordApplied;
+
+#[async_trait]
+impl BatchHandler for SlowRecordApplied {
+    async fn handle_batch(&self, tx: &mut Tx, messages: &[InboxMessage]) -> Result<(), BatchError> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        RecordApplied.handle_batch(tx, messages).await
+    }
+}
+
+/// Runs the inbox `builder` builds until `group` has consumed `messages`,
+/// failing after 60 s, and stops it.
 pub async fn consume(pool: &PgPool, builder: InboxBuilder, group: &str, messages: usize) {
     let inbox = builder.build().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let s = stop.clone();
     let task = tokio::spawn(async move { inbox.run(async move { s.cancelled().await }).await });
+    wait_consumed(pool, group, messages, Duration::from_secs(60), "the inbox").await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Waits until `group` has consumed at least `messages` (the sum of its
+/// partitions' positions); fails, naming `who`, after `within`.
+pub async fn wait_consumed(
+    pool: &PgPool,
+    group: &str,
+    messages: usize,
+    within: Duration,
+    who: &str,
+) {
     let started = Instant::now();
-    let deadline = Duration::from_secs(60);
     loop {
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT next_offset FROM txbox.inbox_offsets WHERE consumer_group = $1 AND partition = 0",
+        let consumed: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(sum(next_offset), 0)::bigint FROM txbox.inbox_offsets \
+             WHERE consumer_group = $1",
         )
         .bind(group)
-        .fetch_optional(pool)
+        .fetch_one(pool)
         .await
         .unwrap();
-        if next == Some(messages as i64) {
-            break;
+        if consumed as usize >= messages {
+            return;
         }
         assert!(
-            started.elapsed() < deadline,
-            "the inbox reached offset {next:?} of {messages} in {deadline:?}"
+            started.elapsed() < within,
+            "{who} consumed {consumed} of {messages} in {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
 }
 
 /// What [`RecordApplied`] recorded: (offset, payload size), in the order
