@@ -2,7 +2,8 @@
 //! messages pause a partition long before the message count would, and
 //! every message is still applied once, whole, in offset order.
 //!
-//! Alone in its test binary: it asserts a process-wide metric.
+//! Its tests assert a process-wide metric, so they run one at a time
+//! ([`SERIAL`]), and no other test shares their binary.
 
 mod support;
 
@@ -10,10 +11,14 @@ use txbox::inbox::Inbox;
 use txbox_testkit::kafka::{self, Record};
 use txbox_testkit::{unique_name, CapturedMetrics, TestDb};
 
-use support::{applied, consume, create_applied, RecordApplied};
+use support::{applied, consume, create_applied, RecordApplied, SlowRecordApplied};
+
+/// Held by each test for its whole run: the pause counter is the process's.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
+    let _serial = SERIAL.lock().await;
     txbox_testkit::init_tracing();
     let metrics = CapturedMetrics::install();
     const MESSAGES: usize = 300;
@@ -58,5 +63,68 @@ async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
     assert!(
         pauses >= 5,
         "the byte bound paused the partition {pauses} times"
+    );
+}
+
+/// A partition paused by its bytes is resumed only once the worker has
+/// taken half of them, not as soon as the message count allows: every
+/// pause is followed by at least half the byte bound's worth of messages
+/// applied before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_paused_by_its_bytes_resumes_only_once_half_of_them_are_taken() {
+    let _serial = SERIAL.lock().await;
+    txbox_testkit::init_tracing();
+    let metrics = CapturedMetrics::install();
+    const MESSAGES: usize = 120;
+    const PAYLOAD: usize = 8 * 1024;
+    // Paused at 128 KiB buffered (16 messages of about 8.4 KB each: the
+    // payload, the event id and the message's own size), resumed at
+    // 64 KiB (7 left), so each pause is followed by at least 8 messages
+    // taken. The count bound (1,000,000) is never reached: a resume that
+    // went by the count alone would come at the poll loop's next check
+    // (every 50 ms), about once per message of this 50 ms handler.
+    const MAX_BYTES: usize = 128 * 1024;
+    const TAKEN_PER_PAUSE: usize = 8;
+    let db = TestDb::new().await;
+    create_applied(db.pool()).await;
+    let broker = txbox_testkit::kafka().await;
+    let topic = broker.topic("backpressure-resume", 1).await;
+    let records = (0..MESSAGES)
+        .map(|i| {
+            Record::new("y".repeat(PAYLOAD))
+                .partition(0)
+                .header("ce_id", format!("resume-{i}"))
+        })
+        .collect();
+    kafka::produce(broker.bootstrap(), &topic, records).await;
+
+    let pauses_before = metrics.counter("txbox_inbox_backpressure_pauses_total");
+    let group = unique_name("backpressure-resume");
+    let builder = Inbox::builder(db.pool().clone())
+        .brokers(broker.bootstrap())
+        .group_id(&group)
+        .batch_handler(&topic, SlowRecordApplied)
+        .batch_size(1)
+        .max_buffered(1_000_000)
+        .max_buffered_bytes(MAX_BYTES)
+        .kafka_option("fetch.wait.max.ms", "10");
+    consume(db.pool(), builder, &group, MESSAGES).await;
+
+    let pauses = metrics.counter("txbox_inbox_backpressure_pauses_total") - pauses_before;
+    let applied = applied(db.pool()).await;
+    let expected: Vec<(i64, i32)> = (0..MESSAGES as i64).map(|o| (o, PAYLOAD as i32)).collect();
+    assert_eq!(
+        applied, expected,
+        "each message applied once, in offset order"
+    );
+    assert!(
+        pauses >= 2,
+        "the byte bound paused the partition {pauses} times"
+    );
+    let most = MESSAGES / TAKEN_PER_PAUSE + 1;
+    assert!(
+        pauses <= most as u64,
+        "{pauses} pauses for {MESSAGES} messages: at most {most} if each resume waits for half \
+         the bytes to be taken"
     );
 }
