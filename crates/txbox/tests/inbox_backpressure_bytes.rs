@@ -7,7 +7,7 @@
 
 mod support;
 
-use txbox::inbox::Inbox;
+use txbox::inbox::{BatchHandler, Inbox};
 use txbox_testkit::kafka::{self, Record};
 use txbox_testkit::{unique_name, CapturedMetrics, TestDb};
 
@@ -16,46 +16,66 @@ use support::{applied, consume, create_applied, RecordApplied, SlowRecordApplied
 /// Held by each test for its whole run: the pause counter is the process's.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
-    let _serial = SERIAL.lock().await;
+/// `messages` payloads of `payload` bytes on one partition, consumed by
+/// an inbox of `handler` under a byte bound of `max_bytes` (the count bound
+/// is never reached). Returns the pauses counted during the run, once
+/// every message was checked applied once, whole, in offset order.
+async fn pauses_consuming(
+    name: &str,
+    messages: usize,
+    payload: usize,
+    max_bytes: usize,
+    handler: impl BatchHandler + 'static,
+    batch_size: usize,
+) -> u64 {
     txbox_testkit::init_tracing();
     let metrics = CapturedMetrics::install();
-    const MESSAGES: usize = 300;
-    const PAYLOAD: usize = 8 * 1024;
-    // Paused at 64 KiB buffered (about 8 messages), resumed at 32 KiB; the
-    // message count bound (1,000,000) is never reached.
-    const MAX_BYTES: usize = 64 * 1024;
     let db = TestDb::new().await;
     create_applied(db.pool()).await;
     let broker = txbox_testkit::kafka().await;
-    let topic = broker.topic("backpressure-bytes", 1).await;
-    let records = (0..MESSAGES)
+    let topic = broker.topic(name, 1).await;
+    let records = (0..messages)
         .map(|i| {
-            Record::new("x".repeat(PAYLOAD))
+            Record::new("x".repeat(payload))
                 .partition(0)
-                .header("ce_id", format!("big-{i}"))
+                .header("ce_id", format!("{name}-{i}"))
         })
         .collect();
     kafka::produce(broker.bootstrap(), &topic, records).await;
 
     let pauses_before = metrics.counter("txbox_inbox_backpressure_pauses_total");
-    let group = unique_name("backpressure-bytes");
+    let group = unique_name(name);
     let builder = Inbox::builder(db.pool().clone())
         .brokers(broker.bootstrap())
         .group_id(&group)
-        .batch_handler(&topic, RecordApplied)
-        .batch_size(4)
+        .batch_handler(&topic, handler)
+        .batch_size(batch_size)
         .max_buffered(1_000_000)
-        .max_buffered_bytes(MAX_BYTES)
+        .max_buffered_bytes(max_bytes)
         .kafka_option("fetch.wait.max.ms", "10");
-    consume(db.pool(), builder, &group, MESSAGES).await;
+    consume(db.pool(), builder, &group, messages).await;
 
     let pauses = metrics.counter("txbox_inbox_backpressure_pauses_total") - pauses_before;
-    let expected: Vec<(i64, i32)> = (0..MESSAGES as i64).map(|o| (o, PAYLOAD as i32)).collect();
+    let expected: Vec<(i64, i32)> = (0..messages as i64).map(|o| (o, payload as i32)).collect();
     let applied = applied(db.pool()).await;
-    assert_eq!(applied.len(), MESSAGES, "each message applied once");
+    assert_eq!(applied.len(), messages, "each message applied once");
     assert_eq!(applied, expected, "in offset order, whole, none skipped");
+    pauses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
+    let _serial = SERIAL.lock().await;
+    // Paused at 64 KiB buffered (about 8 messages), resumed at 32 KiB.
+    let pauses = pauses_consuming(
+        "backpressure-bytes",
+        300,
+        8 * 1024,
+        64 * 1024,
+        RecordApplied,
+        4,
+    )
+    .await;
     // librdkafka hands over what it prefetched much faster than the worker
     // commits: with 2.4 MB of input and a 64 KiB bound the partition is
     // paused again and again (36 times in three runs on the dev stack;
@@ -69,54 +89,27 @@ async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
 /// A partition paused by its bytes is resumed only once the worker has
 /// taken half of them, not as soon as the message count allows: every
 /// pause is followed by at least half the byte bound's worth of messages
-/// applied before the next.
+/// taken before the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_paused_by_its_bytes_resumes_only_once_half_of_them_are_taken() {
     let _serial = SERIAL.lock().await;
-    txbox_testkit::init_tracing();
-    let metrics = CapturedMetrics::install();
     const MESSAGES: usize = 120;
-    const PAYLOAD: usize = 8 * 1024;
     // Paused at 128 KiB buffered (16 messages of about 8.4 KB each: the
     // payload, the event id and the message's own size), resumed at
     // 64 KiB (7 left), so each pause is followed by at least 8 messages
-    // taken. The count bound (1,000,000) is never reached: a resume that
-    // went by the count alone would come at the poll loop's next check
-    // (every 50 ms), about once per message of this 50 ms handler.
-    const MAX_BYTES: usize = 128 * 1024;
+    // taken. A resume that went by the count alone would come at the poll
+    // loop's next check (every 50 ms), about once per message of this
+    // 50 ms handler: 105 pauses, measured with that fault put in; 12 without.
     const TAKEN_PER_PAUSE: usize = 8;
-    let db = TestDb::new().await;
-    create_applied(db.pool()).await;
-    let broker = txbox_testkit::kafka().await;
-    let topic = broker.topic("backpressure-resume", 1).await;
-    let records = (0..MESSAGES)
-        .map(|i| {
-            Record::new("y".repeat(PAYLOAD))
-                .partition(0)
-                .header("ce_id", format!("resume-{i}"))
-        })
-        .collect();
-    kafka::produce(broker.bootstrap(), &topic, records).await;
-
-    let pauses_before = metrics.counter("txbox_inbox_backpressure_pauses_total");
-    let group = unique_name("backpressure-resume");
-    let builder = Inbox::builder(db.pool().clone())
-        .brokers(broker.bootstrap())
-        .group_id(&group)
-        .batch_handler(&topic, SlowRecordApplied)
-        .batch_size(1)
-        .max_buffered(1_000_000)
-        .max_buffered_bytes(MAX_BYTES)
-        .kafka_option("fetch.wait.max.ms", "10");
-    consume(db.pool(), builder, &group, MESSAGES).await;
-
-    let pauses = metrics.counter("txbox_inbox_backpressure_pauses_total") - pauses_before;
-    let applied = applied(db.pool()).await;
-    let expected: Vec<(i64, i32)> = (0..MESSAGES as i64).map(|o| (o, PAYLOAD as i32)).collect();
-    assert_eq!(
-        applied, expected,
-        "each message applied once, in offset order"
-    );
+    let pauses = pauses_consuming(
+        "backpressure-resume",
+        MESSAGES,
+        8 * 1024,
+        128 * 1024,
+        SlowRecordApplied,
+        1,
+    )
+    .await;
     assert!(
         pauses >= 2,
         "the byte bound paused the partition {pauses} times"
