@@ -16,18 +16,31 @@ use support::{applied, consume, create_applied, RecordApplied, SlowRecordApplied
 /// Held by each test for its whole run: the pause counter is the process's.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `messages` payloads of `payload` bytes on one partition, consumed by
-/// an inbox of `handler` under a byte bound of `max_bytes` (the count bound
-/// is never reached). Returns the pauses counted during the run, once
-/// every message was checked applied once, whole, in offset order.
-async fn pauses_consuming(
-    name: &str,
+/// One run of the inbox under a byte bound the count bound never reaches.
+struct BytesRun {
+    /// Topic, group and event-id prefix.
+    name: &'static str,
+    /// Messages produced to the one partition.
     messages: usize,
+    /// Payload bytes per message.
     payload: usize,
+    /// The inbox's `max_buffered_bytes`.
     max_bytes: usize,
-    handler: impl BatchHandler + 'static,
+    /// The inbox's `batch_size`.
     batch_size: usize,
-) -> u64 {
+}
+
+/// Consumes `run` with `handler`. Returns the pauses counted during the
+/// run, once every message was checked applied once, whole, in offset
+/// order.
+async fn pauses_consuming(run: BytesRun, handler: impl BatchHandler + 'static) -> u64 {
+    let BytesRun {
+        name,
+        messages,
+        payload,
+        max_bytes,
+        batch_size,
+    } = run;
     txbox_testkit::init_tracing();
     let metrics = CapturedMetrics::install();
     let db = TestDb::new().await;
@@ -67,15 +80,14 @@ async fn pauses_consuming(
 async fn large_messages_pause_a_partition_by_their_bytes_and_none_is_lost() {
     let _serial = SERIAL.lock().await;
     // Paused at 64 KiB buffered (about 8 messages), resumed at 32 KiB.
-    let pauses = pauses_consuming(
-        "backpressure-bytes",
-        300,
-        8 * 1024,
-        64 * 1024,
-        RecordApplied,
-        4,
-    )
-    .await;
+    let run = BytesRun {
+        name: "backpressure-bytes",
+        messages: 300,
+        payload: 8 * 1024,
+        max_bytes: 64 * 1024,
+        batch_size: 4,
+    };
+    let pauses = pauses_consuming(run, RecordApplied).await;
     // librdkafka hands over what it prefetched much faster than the worker
     // commits: with 2.4 MB of input and a 64 KiB bound the partition is
     // paused again and again (36 times in three runs on the dev stack;
@@ -101,15 +113,14 @@ async fn a_partition_paused_by_its_bytes_resumes_only_once_half_of_them_are_take
     // loop's next check (every 50 ms), about once per message of this
     // 50 ms handler: 105 pauses, measured with that fault put in; 12 without.
     const TAKEN_PER_PAUSE: usize = 8;
-    let pauses = pauses_consuming(
-        "backpressure-resume",
-        MESSAGES,
-        8 * 1024,
-        128 * 1024,
-        SlowRecordApplied,
-        1,
-    )
-    .await;
+    let run = BytesRun {
+        name: "backpressure-resume",
+        messages: MESSAGES,
+        payload: 8 * 1024,
+        max_bytes: 128 * 1024,
+        batch_size: 1,
+    };
+    let pauses = pauses_consuming(run, SlowRecordApplied).await;
     assert!(
         pauses >= 2,
         "the byte bound paused the partition {pauses} times"
