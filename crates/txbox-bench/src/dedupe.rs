@@ -214,10 +214,6 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 let (h, h_io, _) = measured(pool, &DEDUPE_INDEXES, n, next, hand()).await?;
                 ((h, h_io), (i, i_io))
             };
-            let round_io = RoundIo {
-                hand_written: hand_io,
-                ids: ids_io,
-            };
             if !counted {
                 println!(
                     "{:>11} warm-up, not counted: hand-written {hand_written:.0}, ids {ids:.0} messages/s",
@@ -227,6 +223,10 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 at = Snapshot::take(&db.pool, &DEDUPE_INDEXES).await?;
                 continue;
             }
+            let round_io = RoundIo {
+                hand_written: hand_io,
+                ids: ids_io,
+            };
             print_io(
                 &format!("{size} #{}", round + 1),
                 if hand_first {
