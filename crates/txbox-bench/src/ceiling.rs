@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
+use txbox::inbox::SteadyStateSql;
 
 use crate::Shape;
 
@@ -124,8 +125,8 @@ pub(crate) enum Sql {
     /// `shared/bench/pg-ceiling`'s inbox1.sql / inbox100.sql.
     Reference,
     /// The statements a txbox inbox commit executes, on txbox's tables:
-    /// business update, outbox staging, fenced offset advance with the
-    /// event-id insert.
+    /// its `BEGIN` (with its `SET LOCAL`s), business update, outbox
+    /// staging, fenced offset advance with the event-id insert.
     Txbox,
 }
 
@@ -147,6 +148,7 @@ pub(crate) async fn run(
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let outbox = txbox::Outbox::new(txbox::Schema::default()).key_order(key_order);
+            let steady = SteadyStateSql::new(&txbox::Schema::default());
             let part = i32::try_from(client).unwrap_or(0);
             // Where the previous run left this client's row: the fence
             // must pass.
@@ -161,7 +163,8 @@ pub(crate) async fn run(
                 let r = match sql {
                     Sql::Reference => one_txn(&pool, shape.batch).await,
                     Sql::Txbox => {
-                        txbox_txn(&pool, &outbox, part, &mut next_offset, shape.batch).await
+                        txbox_txn(&pool, &steady, &outbox, part, &mut next_offset, shape.batch)
+                            .await
                     }
                 };
                 match r {
@@ -232,10 +235,13 @@ async fn one_txn(pool: &PgPool, batch: usize) -> Result<(), sqlx::Error> {
     tx.commit().await
 }
 
-/// One transaction of exactly the SQL a txbox inbox commit runs (the same
-/// statement texts as `txbox::inbox`'s), without Kafka or the runtime.
+/// One transaction of exactly the SQL a txbox inbox commit runs in the
+/// steady state (its own statements from `txbox::inbox::SteadyStateSql`,
+/// the handler's as the benchmark's handler sends them), without Kafka or
+/// the runtime.
 async fn txbox_txn(
     pool: &PgPool,
+    sql: &SteadyStateSql,
     outbox: &txbox::Outbox,
     part: i32,
     next_offset: &mut i64,
@@ -249,7 +255,7 @@ async fn txbox_txn(
         .map(|_| uuid::Uuid::new_v4().to_string())
         .collect();
     let offsets: Vec<i64> = (0..batch as i64).map(|i| *next_offset + i).collect();
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with(sql.begin.clone()).await?;
     sqlx::query("UPDATE account SET balance = balance + 1 WHERE id = ANY($1)")
         .bind(&ids)
         .execute(&mut *tx)
@@ -269,33 +275,20 @@ async fn txbox_txn(
     // then a plain insert of the ids, expected to be new (an inbox redoes
     // a batch with ON CONFLICT first only after a conflict).
     let new_offset = *next_offset + batch as i64;
-    let (advanced, inserted): (i64, i64) = sqlx::query_as(
-        "WITH advanced AS (
-             UPDATE \"txbox\".\"inbox_offsets\" SET next_offset = $1, updated_at = now(),
-                    applied = applied + $7, duplicates = duplicates + $8, dead_lettered = dead_lettered + $9,
-                    consumed_until = greatest(consumed_until, $1)
-             WHERE consumer_group = $2 AND topic = $3 AND partition = $4 AND epoch = $5 AND next_offset = $6
-             RETURNING 1),
-         recorded AS (
-             INSERT INTO \"txbox\".\"inbox_processed\" (consumer_group, event_id, topic, partition, \"offset\")
-             SELECT $2, u.id, $3, $4, u.off FROM unnest($10::text[], $11::int8[]) AS u(id, off)
-             WHERE EXISTS (SELECT 1 FROM advanced)
-             RETURNING 1)
-         SELECT (SELECT count(*) FROM advanced), (SELECT count(*) FROM recorded)",
-    )
-    .bind(new_offset)
-    .bind("ceiling")
-    .bind("t")
-    .bind(part)
-    .bind(1i64)
-    .bind(*next_offset)
-    .bind(batch as i64)
-    .bind(0i64)
-    .bind(0i64)
-    .bind(&event_ids)
-    .bind(&offsets)
-    .fetch_one(&mut *tx)
-    .await?;
+    let (advanced, inserted): (i64, i64) = sqlx::query_as(&sql.advance_recording)
+        .bind(new_offset)
+        .bind("ceiling")
+        .bind("t")
+        .bind(part)
+        .bind(1i64)
+        .bind(*next_offset)
+        .bind(batch as i64)
+        .bind(0i64)
+        .bind(0i64)
+        .bind(&event_ids)
+        .bind(&offsets)
+        .fetch_one(&mut *tx)
+        .await?;
     // Every client's row holds epoch 1: a run that fenced itself would
     // measure less work than an inbox does.
     if (advanced, inserted) != (1, batch as i64) {

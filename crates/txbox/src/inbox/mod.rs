@@ -44,6 +44,7 @@ mod replay;
 mod runtime;
 mod shared;
 mod sql;
+mod steady_state;
 
 pub use config::{FailureAction, RetryPolicy, StartFrom};
 pub use dead_letters::{DeadLetter, DeadLetterFilter, DeadLetters};
@@ -53,3 +54,5 @@ pub use handler::{BatchError, BatchHandler, Handler, HandlerError, Tx};
 pub use message::{DecodeError, InboxMessage};
 pub use positions::{PositionChange, PositionReset, ResetTo};
 pub use runtime::{Inbox, InboxBuilder};
+#[doc(hidden)]
+pub use steady_state::SteadyStateSql;
