@@ -34,9 +34,10 @@
 //! 100 on one partition; batches of 100 on four partitions) it runs:
 //! 1. two ceilings from a sqlx loop with the same batch size and
 //!    concurrency: *txbox SQL*, exactly the statements an inbox commit runs
-//!    on txbox's tables (business update, outbox staging, fenced offset
-//!    advance with the event-id insert), so the ratio is the runtime's own
-//!    overhead;
+//!    on txbox's tables (its `BEGIN` with the `SET LOCAL`s, business
+//!    update, outbox staging, fenced offset advance with the event-id
+//!    insert; the inbox's own two from `txbox::inbox::SteadyStateSql`), so
+//!    the ratio is the runtime's own overhead;
 //!    and *pg-ceiling*, the reference SQL of `shared/bench/pg-ceiling`
 //!    (smaller rows, fewer indexes), so the ratio includes the schema's cost;
 //!    and, when `pgbench` is installed, that same reference SQL run by

@@ -31,9 +31,9 @@ pub struct SteadyStateSql {
     /// insert of the batch's event ids. Parameters: $1 the new
     /// `next_offset`, $2 group, $3 topic, $4 partition, $5 epoch, $6 the
     /// expected `next_offset`, $7 applied, $8 duplicates, $9 dead-lettered
-    /// (all `int8` but $4, `int4`), $10 the ids (`text[]`), $11 their
-    /// offsets (`int8[]`). Returns one row: (rows advanced, ids inserted),
-    /// both `int8`.
+    /// ($1 and $5 to $9 `int8`, $2 and $3 `text`, $4 `int4`), $10 the ids
+    /// (`text[]`), $11 their offsets (`int8[]`). Returns one row: (rows
+    /// advanced, ids inserted), both `int8`.
     pub advance_recording: String,
 }
 
@@ -49,5 +49,23 @@ impl SteadyStateSql {
             begin,
             advance_recording,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bounds an inbox built with the defaults resolves to are the
+    /// ones these statements carry.
+    #[test]
+    fn a_default_inbox_begins_with_these_bounds() -> crate::Result<()> {
+        let built = Waits::resolve(Waits::default().lock, None, None)?;
+        let schema = Schema::default();
+        assert_eq!(
+            SteadyStateSql::new(&schema).begin,
+            Statements::new(&schema, built).begin
+        );
+        Ok(())
     }
 }
