@@ -27,7 +27,10 @@
 //! as a running service's would be if they fit. The first size starts
 //! with `--warmup` rounds (default 1) that are printed but not counted, so
 //! that the first touches of a fresh broker and database do not lower the
-//! figure the later sizes are judged against.
+//! figure the later sizes are judged against. `--end-empty` empties both
+//! tables after the last size and measures the empty state once more, so
+//! that a trend over the run (the machine or the broker getting faster or
+//! slower) shows, and each size is also judged against both empty runs.
 //!
 //! Pruning runs at its defaults (every 60 s, ids older than 14 days: the
 //! pre-filled ids are dated over the last 13 days, so it deletes none, as in
@@ -82,6 +85,13 @@ pub(crate) struct Args {
     /// size is compared against.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// After the last size, empty both dedupe tables and measure the empty
+    /// state again (printed as `0 end`): the sizes run in ascending order,
+    /// so a trend over the run falls on the growth ratios alone; with the
+    /// empty state at both ends, each size is also printed against their
+    /// mean.
+    #[arg(long)]
+    end_empty: bool,
 }
 
 /// One round's messages/s.
@@ -107,6 +117,10 @@ struct RoundIo {
 const DEDUPE_INDEXES: [&str; 2] = ["txbox.inbox_processed_pkey", "processed_events_pkey"];
 
 pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.end_empty || args.prefill.first() == Some(&0),
+        "--end-empty compares with the empty state at the start: the first --prefill must be 0"
+    );
     let db = BenchDb::create(database_url).await?;
     db.add_ceiling().await?;
     sqlx::query(crate::baseline::TABLE)
@@ -140,10 +154,27 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
     }
     let mut csv = String::from(
         "prefill,txbox_mb,hand_written_mb,hand_written,ids,positions,offsets_only,\
-         txbox_index_mb,hand_written_index_mb\n",
+         txbox_index_mb,hand_written_index_mb,end\n",
     );
-    for &size in &args.prefill {
+    // Each size, and whether it is the empty state measured at the end.
+    let plan = args
+        .prefill
+        .iter()
+        .map(|&size| (size, false))
+        .chain(args.end_empty.then_some((0, true)));
+    // Each size's medians, for the comparison with both empty runs.
+    let mut meds = Vec::new();
+    for (size, end) in plan {
+        if end {
+            empty_tables(&db.pool).await?;
+            filled_to = 0;
+        }
         anyhow::ensure!(size >= filled_to, "--prefill sizes must ascend");
+        let label = if end {
+            format!("{size} end")
+        } else {
+            size.to_string()
+        };
         let t = Instant::now();
         prefill(&db.pool, filled_to, size, args.ids).await?;
         filled_to = size;
@@ -217,7 +248,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
             if !counted {
                 println!(
                     "{:>11} warm-up, not counted: hand-written {hand_written:.0}, ids {ids:.0} messages/s",
-                    format!("{size} w{}", turn + 1)
+                    format!("{label} w{}", turn + 1)
                 );
                 tokio::time::sleep(SETTLE).await;
                 at = Snapshot::take(&db.pool, &DEDUPE_INDEXES).await?;
@@ -228,7 +259,7 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 ids: ids_io,
             };
             print_io(
-                &format!("{size} #{}", round + 1),
+                &format!("{label} #{}", round + 1),
                 if hand_first {
                     " (hand-written first)"
                 } else {
@@ -246,14 +277,14 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
                 positions,
                 offsets_only,
             };
-            print_row(&format!("{size}"), txbox_mb, hand_mb, fill_s, &r);
+            print_row(&label, txbox_mb, hand_mb, fill_s, &r);
             rounds.push(r);
             // The watermark variants' runs are not counted; the next
             // round's first run starts from a settled reading.
             tokio::time::sleep(SETTLE).await;
             at = Snapshot::take(&db.pool, &DEDUPE_INDEXES).await?;
         }
-        print_io(&format!("{size} med."), "", &io);
+        print_io(&format!("{label} med."), "", &io);
         println!(
             "{:>11} primary keys: txbox {txbox_index_mb:.0} MB, hand-written {hand_index_mb:.0} MB{}",
             "",
@@ -266,26 +297,64 @@ pub(crate) async fn run(args: &Args, database_url: &str, bootstrap: &str) -> any
             positions: m(|r| r.positions),
             offsets_only: m(|r| r.offsets_only),
         };
-        print_row(&format!("{size} med."), txbox_mb, hand_mb, fill_s, &med);
+        print_row(&format!("{label} med."), txbox_mb, hand_mb, fill_s, &med);
         csv.push_str(&format!(
-            "{size},{txbox_mb:.0},{hand_mb:.0},{:.0},{:.0},{:.0},{:.0},{txbox_index_mb:.0},{hand_index_mb:.0}\n",
-            med.hand_written, med.ids, med.positions, med.offsets_only
+            "{size},{txbox_mb:.0},{hand_mb:.0},{:.0},{:.0},{:.0},{:.0},{txbox_index_mb:.0},{hand_index_mb:.0},{}\n",
+            med.hand_written,
+            med.ids,
+            med.positions,
+            med.offsets_only,
+            u8::from(end)
         ));
         let base = *empty.get_or_insert(med);
-        println!(
-            "{:>11} against the first size: hand-written {:.2}, ids {:.2}, positions {:.2}, offsets-only {:.2}",
-            "",
-            med.hand_written / base.hand_written,
-            med.ids / base.ids,
-            med.positions / base.positions,
-            med.offsets_only / base.offsets_only
-        );
+        print_against("", "the first size", &med, &base);
+        meds.push((label, med));
+    }
+    // The first size and the last run, both the empty state with
+    // `--end-empty`: each size against their mean.
+    if let (true, Some((_, first)), Some((_, last))) = (args.end_empty, meds.first(), meds.last()) {
+        let mean = |f: fn(&Round) -> f64| (f(first) + f(last)) / 2.0;
+        let both = Round {
+            hand_written: mean(|r| r.hand_written),
+            ids: mean(|r| r.ids),
+            positions: mean(|r| r.positions),
+            offsets_only: mean(|r| r.offsets_only),
+        };
+        for (label, med) in &meds {
+            print_against(label, "both empty runs' mean", med, &both);
+        }
     }
     db.drop_db().await?;
     if let Some(path) = &args.csv {
         std::fs::write(path, csv)?;
         println!("medians written to {}", path.display());
     }
+    Ok(())
+}
+
+/// Each variant's median in `med` divided by its median in `base`.
+fn print_against(label: &str, what: &str, med: &Round, base: &Round) {
+    println!(
+        "{label:>11} against {what}: hand-written {:.2}, ids {:.2}, positions {:.2}, offsets-only {:.2}",
+        med.hand_written / base.hand_written,
+        med.ids / base.ids,
+        med.positions / base.positions,
+        med.offsets_only / base.offsets_only
+    );
+}
+
+/// Empties both dedupe tables (for the empty state measured again at the
+/// end), then settles them as a prefill does: analyzed, and a checkpoint.
+async fn empty_tables(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::raw_sql("TRUNCATE txbox.inbox_processed, processed_events")
+        .execute(pool)
+        .await?;
+    for table in ["txbox.inbox_processed", "processed_events"] {
+        sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
+            .execute(pool)
+            .await?;
+    }
+    crate::pg_io::checkpoint(pool).await?;
     Ok(())
 }
 
