@@ -88,7 +88,7 @@ impl fmt::Display for OnReject {
 /// | `position_topic` | `txbox.relay.positions` | compacted topic of positions (exactly-once) |
 /// | `on_reject` | `stop` | or `dead-letter` |
 /// | `prune_batch` | `1000` | rows (and key order heads) deleted per prune statement |
-/// | `prune_interval` | `5s` | pause between prune rounds (none after a round that hit its limit of 100 batches) |
+/// | `prune_interval` | `5s` | pause between prune rounds (none after a round that hit its limit of 100 batches, unless the stream published as many rows since the round before) |
 /// | `hold_back_warn` | `30s` | warn when a transaction this old holds the relay back |
 /// | `metrics_listen` | (none) | `txbox-relay` serves `/metrics` (Prometheus), `/health` and `/ready` on this address |
 /// | `kafka` | `{}` | extra librdkafka options, passed through |
@@ -149,7 +149,9 @@ pub struct RelayConfig {
     pub prune_batch: i64,
     /// Pause between prune rounds; none after a round that deleted its
     /// limit (100 statements of `prune_batch` rows), so a drained backlog
-    /// is pruned without waiting.
+    /// is pruned without waiting, unless the stream published as many
+    /// rows since the round before (it is still draining a backlog:
+    /// publishing comes first).
     #[serde(deserialize_with = "duration::deserialize")]
     pub prune_interval: Duration,
     /// Age of a running transaction at which the relay warns that it is

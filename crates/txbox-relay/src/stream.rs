@@ -44,6 +44,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Prune statements per prune round at most.
 const PRUNE_BATCHES_PER_ROUND: usize = 100;
 
+/// What a stream's pruner reads from its publisher: the leader's fencing
+/// token and published position, once there is a leader, and how many rows
+/// the stream has published since its task started (over every leadership
+/// term), which tells the pruner whether the publisher is draining a
+/// backlog.
+#[derive(Clone, Copy, Debug, Default)]
+struct PruneInput {
+    lead: Option<(i64, Position)>,
+    published: u64,
+}
+
 /// Everything one stream task needs.
 #[derive(Debug)]
 pub(crate) struct StreamTask {
@@ -86,7 +97,7 @@ impl StreamTask {
             self.config.instance.clone(),
             self.config.lease_ttl,
         );
-        let (prune_tx, prune_rx) = watch::channel(None);
+        let (prune_tx, prune_rx) = watch::channel(PruneInput::default());
         let (alarm_tx, alarm_rx) = watch::channel(None);
         let prune_cancel = self.cancel.child_token();
         let pruner = self.spawn_pruner(prune_rx, alarm_tx, prune_cancel.clone());
@@ -312,7 +323,7 @@ impl StreamTask {
 
     fn spawn_pruner(
         &self,
-        mut rx: watch::Receiver<Option<(i64, Position)>>,
+        mut rx: watch::Receiver<PruneInput>,
         alarm: watch::Sender<Option<(Position, String)>>,
         cancel: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
@@ -323,13 +334,11 @@ impl StreamTask {
         let stream = self.stream;
         tokio::spawn(async move {
             let mut pruned_upto = Position::START;
-            // A round that deleted its most leaves rows behind (a drained
-            // backlog): the next one starts at once, not an interval later,
-            // unless the publisher is still draining (the position moved by
-            // more than a round's rows since the last round): publishing
-            // comes first, pruning takes its interval then.
+            // Whether the next round starts at once (see
+            // `prune_again_at_once`), and the stream's rows published
+            // before the last round (none before the first).
             let mut behind = false;
-            let mut last_upto = Position::START;
+            let mut published_before = 0;
             // Where the last round of this token stopped deleting.
             let mut resume: Option<(i64, Position)> = None;
             loop {
@@ -339,7 +348,11 @@ impl StreamTask {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                let Some((token, upto)) = *rx.borrow_and_update() else {
+                let PruneInput {
+                    lead: Some((token, upto)),
+                    published,
+                } = *rx.borrow_and_update()
+                else {
                     continue;
                 };
                 match pruner
@@ -391,13 +404,16 @@ impl StreamTask {
                             tracing::debug!(stream, deleted = n, upto = %upto, "pruned outbox");
                             metrics::counter!("txbox_relay_pruned_total", "stream" => stream.to_string()).increment(n);
                         }
-                        if n < PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner) {
+                        let capacity = PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner);
+                        if n < capacity {
                             pruned_upto = upto;
-                        } else {
-                            let capacity = PRUNE_BATCHES_PER_ROUND as i64 * pruner.batch_size();
-                            behind = upto.id.saturating_sub(last_upto.id) < capacity;
                         }
-                        last_upto = upto;
+                        behind = prune_again_at_once(
+                            n,
+                            published.saturating_sub(published_before),
+                            capacity,
+                        );
+                        published_before = published;
                     }
                     Err(e) => tracing::warn!(stream, error = %e, "prune failed; retrying later"),
                 }
@@ -419,6 +435,20 @@ fn prune_resume_point(resume: Option<(i64, Position)>, token: i64, upto: Positio
     resume
         .filter(|(t, p)| *t == token && *p <= upto)
         .map_or(Position::START, |(_, p)| p)
+}
+
+/// Whether the next prune round starts at once rather than an interval
+/// later: the last round deleted `deleted` rows, its most (`capacity`), so
+/// published rows are left behind (a drained backlog), and the stream
+/// published fewer than that many rows (`published_since`) since the round
+/// before, so its publisher is not draining a backlog itself: while it is,
+/// publishing comes first and pruning takes its interval.
+///
+/// The stream's own published rows, not the distance its position moved:
+/// outbox ids are shared by every stream, so the position of one of many
+/// streams moves by the rows of all of them.
+fn prune_again_at_once(deleted: u64, published_since: u64, capacity: u64) -> bool {
+    deleted >= capacity && published_since < capacity
 }
 
 fn pruner_batch(p: &Pruner) -> u64 {
@@ -443,7 +473,7 @@ struct Leader<'a> {
 /// position in another history.
 struct Guards<'a> {
     histories: Histories,
-    prune_tx: &'a watch::Sender<Option<(i64, Position)>>,
+    prune_tx: &'a watch::Sender<PruneInput>,
     alarm: watch::Receiver<Option<(Position, String)>>,
 }
 
@@ -503,9 +533,8 @@ impl Leader<'_> {
         // Rows still to publish one at a time, to find which row of a
         // refused batch Kafka refuses (see the `Rejected` arm).
         let mut isolate: usize = 0;
-        self.guards
-            .prune_tx
-            .send_replace(Some((self.lease.token(), self.lease.position())));
+        let lead = (self.lease.token(), self.lease.position());
+        self.guards.prune_tx.send_modify(|p| p.lead = Some(lead));
         loop {
             if self.task.cancel.is_cancelled() {
                 return Exit::Shutdown;
@@ -794,9 +823,11 @@ impl Leader<'_> {
             {
                 Ok(true) => {
                     self.position = last;
-                    self.guards
-                        .prune_tx
-                        .send_replace(Some((self.lease.token(), last)));
+                    let token = self.lease.token();
+                    self.guards.prune_tx.send_modify(|p| {
+                        p.lead = Some((token, last));
+                        p.published += count as u64;
+                    });
                     return Ok(());
                 }
                 Ok(false) => return Err(Exit::LeaseLost),
@@ -898,5 +929,22 @@ mod tests {
             Position::START
         );
         assert_eq!(prune_resume_point(None, 7, last), Position::START);
+    }
+
+    #[test]
+    fn a_full_prune_round_is_followed_at_once_unless_the_publisher_is_draining() {
+        let capacity = 100 * 1000;
+        // A drained backlog: a full round, little published since.
+        assert!(prune_again_at_once(capacity, 5_000, capacity));
+        // One of eight streams after the drain: it published an eighth of
+        // the rows staged, while its position moved by the ids of all
+        // eight streams' rows (here more than a round's): still at once.
+        let staged_since = 2 * capacity;
+        assert!(prune_again_at_once(capacity, staged_since / 8, capacity));
+        // The publisher is draining: pruning waits its interval.
+        assert!(!prune_again_at_once(capacity, capacity, capacity));
+        assert!(!prune_again_at_once(capacity, u64::MAX, capacity));
+        // A round that was not full has caught up: the interval.
+        assert!(!prune_again_at_once(capacity - 1, 0, capacity));
     }
 }

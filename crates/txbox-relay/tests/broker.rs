@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use txbox::Outbox;
-use txbox_relay::{Error, Mode, OnReject};
+use txbox::{Outbox, OutboxEvent};
+use txbox_relay::{CancellationToken, Error, Mode, OnReject};
 use txbox_testkit::{kafka, TestDb};
 
 /// A row whose transaction took a lower outbox id but commits after a
@@ -438,5 +438,114 @@ async fn published_rows_are_pruned() {
     .await;
     let (_, _, _, published) = relay_row(db.pool()).await;
     assert_eq!(published, 1000);
+    relay.stop().await;
+}
+
+/// A stream that has drained a backlog prunes it in rounds that follow one
+/// another at once, while other streams go on staging. Outbox ids are
+/// shared by every stream, so the drained stream's position moves by the
+/// other streams' ids too; its pruner judges whether the publisher is
+/// draining by the rows the stream published, not by that distance (which
+/// here would make every round wait the interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_stream_prunes_at_once_while_other_streams_stage() {
+    txbox_testkit::init_tracing();
+    let db = TestDb::new().await;
+    let broker = kafka().await;
+    let topic = broker.topic("prune-streams", 2).await;
+    let keys = |stream: i32| -> Vec<String> {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .filter(|k| txbox::outbox::stream_for_key(k.as_bytes(), 2) == stream)
+            .take(10)
+            .collect()
+    };
+    let (k0, k1) = (keys(0), keys(1));
+    let stage_rows = {
+        let pool = db.pool().clone();
+        let outbox = Outbox::new(txbox::Schema::default()).streams(2).unwrap();
+        move |rows: Vec<OutboxEvent>| {
+            let (pool, outbox) = (pool.clone(), outbox.clone());
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                outbox.stage_all(&mut tx, rows).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+    };
+    // Stream 0's backlog: three full prune rounds of one-row statements
+    // (each round at least 2 s: the pruner pauses 20 ms between them).
+    let backlog = 300;
+    for chunk in 0..backlog / 100 {
+        let rows = (0..100)
+            .map(|i| event(&topic, &k0[i % k0.len()], 0, chunk * 100 + i))
+            .collect();
+        stage_rows(rows).await;
+    }
+    // Rows staged later take higher ids: these count the backlog alone.
+    let last_of_backlog: i64 = sqlx::query_scalar("SELECT max(id) FROM txbox.outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    let backlog_left = {
+        let pool = db.pool().clone();
+        move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM txbox.outbox WHERE stream = 0 AND id <= $1",
+                )
+                .bind(last_of_backlog)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        }
+    };
+    let interval = Duration::from_secs(12);
+    let mut cfg = config(&db, broker.bootstrap(), Mode::AtLeastOnce);
+    cfg.streams = vec![0, 1];
+    cfg.prune_batch = 1;
+    cfg.prune_interval = interval;
+    let relay = Relay::start(cfg);
+    // Meanwhile, every 500 ms, one row on stream 0 and 100 on stream 1:
+    // stream 0 publishes about 30 rows from one round to the next, fewer
+    // than a round deletes, while its position moves by about 3,000 ids.
+    let stop = CancellationToken::new();
+    let stager = tokio::spawn({
+        let (stop, stage_rows, topic) = (stop.clone(), stage_rows.clone(), topic.clone());
+        async move {
+            let mut seq = backlog;
+            while !stop.is_cancelled() {
+                let mut rows = vec![event(&topic, &k0[seq % k0.len()], 0, seq)];
+                rows.extend((0..100).map(|i| event(&topic, &k1[i % k1.len()], 1, seq * 100 + i)));
+                stage_rows(rows).await;
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    // The first round, an interval in, follows the publication of the
+    // whole backlog: it takes its interval after it. The second follows
+    // 30-odd published rows: the third runs at once and ends the backlog.
+    // With a wait after every round, the third would start more than two
+    // intervals after the first ended.
+    eventually("the first prune round", interval * 3, || async {
+        backlog_left().await <= 200
+    })
+    .await;
+    let first_ended = Instant::now();
+    eventually(
+        "the rest of stream 0's backlog pruned",
+        interval * 2,
+        || async { backlog_left().await == 0 },
+    )
+    .await;
+    println!(
+        "stream 0's backlog pruned {:?} after its first round",
+        first_ended.elapsed()
+    );
+    stop.cancel();
+    stager.await.unwrap();
     relay.stop().await;
 }
