@@ -152,6 +152,7 @@ mod lease;
 pub mod logging;
 mod notify;
 mod prune;
+mod prune_rounds;
 mod publisher;
 mod report;
 mod stream;
