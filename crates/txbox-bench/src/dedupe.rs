@@ -70,7 +70,8 @@ pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t = Ids::Random)]
     ids: Ids,
     /// Write each size's medians (prefill, both tables' MB, the four
-    /// variants' messages/s, both primary keys' MB) to this CSV file.
+    /// variants' messages/s, both primary keys' MB, and `end`: 1 for the
+    /// empty state measured at the end) to this CSV file.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
     /// Load both dedupe tables' primary keys into shared buffers
@@ -89,7 +90,8 @@ pub(crate) struct Args {
     /// state again (printed as `0 end`): the sizes run in ascending order,
     /// so a trend over the run falls on the growth ratios alone; with the
     /// empty state at both ends, each size is also printed against their
-    /// mean.
+    /// mean. The end run has no warm-up rounds: only the first size's
+    /// counted rounds start with the warm-up's ids in the table.
     #[arg(long)]
     end_empty: bool,
 }

@@ -1,9 +1,9 @@
 //! When a stream's pruner runs. Beside each stream's publisher a task
 //! deletes the published rows (and key order heads) with a [`Pruner`], in
-//! rounds of up to [`PRUNE_BATCHES_PER_ROUND`] statements: a round every
-//! `prune_interval`, or at once after a full round while the publisher is
-//! not draining a backlog itself, each round resuming where the last one
-//! of the same fencing token stopped. It never prunes in another database
+//! rounds of up to [`PRUNE_BATCHES_PER_ROUND`] statements, with a pause
+//! of `prune_interval` after each round, or none after a full round while
+//! the publisher is not draining a backlog itself; each round resumes
+//! where the last one of the same fencing token stopped. It never prunes in another database
 //! history than the published position's: it stops and raises the
 //! stream's alarm instead.
 
@@ -19,7 +19,7 @@ use crate::prune::Pruner;
 use crate::stream::{history_changed, StreamTask};
 
 /// Prune statements per prune round at most.
-pub(crate) const PRUNE_BATCHES_PER_ROUND: usize = 100;
+const PRUNE_BATCHES_PER_ROUND: usize = 100;
 
 /// What a stream's pruner reads from its publisher: the leader's fencing
 /// token and published position, once there is a leader, and how many rows
