@@ -346,16 +346,29 @@ fn print_against(label: &str, what: &str, med: &Round, base: &Round) {
 }
 
 /// Empties both dedupe tables (for the empty state measured again at the
-/// end), then settles them as a prefill does: analyzed, and a checkpoint.
+/// end), then settles them as a prefill does.
 async fn empty_tables(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::raw_sql("TRUNCATE txbox.inbox_processed, processed_events")
         .execute(pool)
         .await?;
+    settle_tables(pool).await
+}
+
+/// Vacuums and analyzes both dedupe tables, then takes a checkpoint.
+async fn settle_tables(pool: &PgPool) -> anyhow::Result<()> {
+    // Each on its own: VACUUM cannot run inside the implicit transaction
+    // of a multi-statement query.
     for table in ["txbox.inbox_processed", "processed_events"] {
         sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
             .execute(pool)
             .await?;
     }
+    // After a prefill, the load and the index builds write gigabytes of
+    // WAL and start checkpoints of their own; the pages written to the
+    // WAL after the last of them need no full-page image at their first
+    // change, the others do, and which are which is chance. A checkpoint
+    // now puts both indexes where a service's stand after each checkpoint
+    // (and writes out the load's dirty buffers before the runs).
     crate::pg_io::checkpoint(pool).await?;
     Ok(())
 }
@@ -472,21 +485,7 @@ async fn prefill(pool: &PgPool, from: u64, to: u64, ids: Ids) -> anyhow::Result<
     )
     .execute(pool)
     .await?;
-    // Each on its own: VACUUM cannot run inside the implicit transaction
-    // of a multi-statement query.
-    for table in ["txbox.inbox_processed", "processed_events"] {
-        sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
-            .execute(pool)
-            .await?;
-    }
-    // The load and the index builds write gigabytes of WAL and start
-    // checkpoints of their own; the pages written to the WAL after the
-    // last of them need no full-page image at their first change, the
-    // others do, and which are which is chance. A checkpoint now puts
-    // both indexes where a service's stand after each checkpoint (and
-    // writes out the load's dirty buffers before the runs).
-    crate::pg_io::checkpoint(pool).await?;
-    Ok(())
+    settle_tables(pool).await
 }
 
 /// Sizes, MB, of txbox's and the hand-written consumer's dedupe tables.

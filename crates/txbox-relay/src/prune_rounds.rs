@@ -3,9 +3,9 @@
 //! rounds of up to [`PRUNE_BATCHES_PER_ROUND`] statements, with a pause
 //! of `prune_interval` after each round, or none after a full round while
 //! the publisher is not draining a backlog itself; each round resumes
-//! where the last one of the same fencing token stopped. It never prunes in another database
-//! history than the published position's: it stops and raises the
-//! stream's alarm instead.
+//! where the last one of the same fencing token stopped. It never prunes
+//! in another database history than the published position's: it stops
+//! and raises the stream's alarm instead.
 
 use std::time::Duration;
 
@@ -48,6 +48,8 @@ impl StreamTask {
         let pool = self.pool.clone();
         let interval = self.config.prune_interval;
         let stream = self.stream;
+        // The most rows a round deletes.
+        let capacity = PRUNE_BATCHES_PER_ROUND as u64 * pruner.batch_size().unsigned_abs();
         tokio::spawn(async move {
             let mut pruned_upto = Position::START;
             // Whether the next round starts at once (see
@@ -120,7 +122,6 @@ impl StreamTask {
                             tracing::debug!(stream, deleted = n, upto = %upto, "pruned outbox");
                             metrics::counter!("txbox_relay_pruned_total", "stream" => stream.to_string()).increment(n);
                         }
-                        let capacity = PRUNE_BATCHES_PER_ROUND as u64 * pruner_batch(&pruner);
                         if n < capacity {
                             pruned_upto = upto;
                         }
@@ -165,10 +166,6 @@ fn prune_resume_point(resume: Option<(i64, Position)>, token: i64, upto: Positio
 /// streams moves by the rows of all of them.
 fn prune_again_at_once(deleted: u64, published_since: u64, capacity: u64) -> bool {
     deleted >= capacity && published_since < capacity
-}
-
-fn pruner_batch(p: &Pruner) -> u64 {
-    p.batch_size().unsigned_abs()
 }
 
 #[cfg(test)]

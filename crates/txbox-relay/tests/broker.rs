@@ -466,11 +466,7 @@ async fn a_drained_stream_prunes_at_once_while_other_streams_stage() {
         let outbox = Outbox::new(txbox::Schema::default()).streams(2).unwrap();
         move |rows: Vec<OutboxEvent>| {
             let (pool, outbox) = (pool.clone(), outbox.clone());
-            async move {
-                let mut tx = pool.begin().await.unwrap();
-                outbox.stage_all(&mut tx, rows).await.unwrap();
-                tx.commit().await.unwrap();
-            }
+            async move { stage_in(&pool, &outbox, rows).await }
         }
     };
     // Stream 0's backlog: three full prune rounds of one-row statements

@@ -74,6 +74,11 @@ pub fn event(topic: &str, key: &str, writer: usize, seq: usize) -> OutboxEvent {
 pub async fn stage(pool: &PgPool, events: Vec<OutboxEvent>) {
     let outbox =
         Outbox::new(txbox::Schema::default()).notify(txbox::outbox::DEFAULT_NOTIFY_CHANNEL);
+    stage_in(pool, &outbox, events).await;
+}
+
+/// Stages `events` through `outbox` in one committed transaction.
+pub async fn stage_in(pool: &PgPool, outbox: &Outbox, events: Vec<OutboxEvent>) {
     let mut tx = pool.begin().await.unwrap();
     outbox.stage_all(&mut tx, events).await.unwrap();
     tx.commit().await.unwrap();
